@@ -1,0 +1,733 @@
+"""common.py -- the small shared core of edit-r1 (Edit-R1, CVPR 2026).
+
+Everything the five stage scripts share lives here, as plain functions:
+
+  A. Principles      the schema (question + category) and a tolerant parser for a VLM's
+                     decomposition output                                  (paper Sec. 3.1)
+  B. Prompts         chat messages with image slots for Qwen2.5-VL: decomposition, RRM
+                     verification, inspector, GEdit-style judge (SC / PQ)
+  C. Parsers         RRM output -> per-point 0/1, average_score, final <score>; inspector
+                     gold labels; judge sub-scores. They never raise and never invent a score.
+  D. Reward math     score aggregation Phi(.), inspector selection, GCPO win/loss ratios and
+                     advantages (Eq. 2-3), GRPO group-normalised advantages, the PPO clipped
+                     surrogate (Eq. 4), GEdit SC/PQ/O.
+
+Every formula has a worked example that runs as a doctest (`pytest --doctest-modules common.py`).
+This file is the bottom of the house: it imports nothing from the project.
+
+Dimension legend used in comments:
+  P = preference pairs, N = trajectories per image, G = edits per group,
+  B = sequences in a batch, T = completion tokens, K = principles.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+# =========================================================================================
+# A. Principles (paper Sec. 3.1: "decompose the instruction into verifiable principles")
+# =========================================================================================
+# A principle is {"question": str, "category": one of CATEGORIES}. The paper's decomposition
+# prompt uses the names on the right; we store the short names on the left.
+CATEGORIES = ("follow", "keep", "quality")
+CATEGORY_ALIASES = {
+    "follow": "follow", "instruction following": "follow", "instruction-following": "follow",
+    "instruction_following": "follow", "following": "follow",
+    "keep": "keep", "feature preservation": "keep", "feature-preservation": "keep",
+    "feature_preservation": "keep", "preservation": "keep",
+    "quality": "quality", "image quality": "quality", "image-quality": "quality",
+    "image_quality": "quality",
+}
+# What the prompts show the model (the paper's names).
+CATEGORY_DISPLAY = {"follow": "Instruction Following", "keep": "Feature Preservation",
+                    "quality": "Image Quality"}
+
+
+def normalize_category(name: Any) -> str | None:
+    """Map a category name (ours or the paper's, any case) to 'follow'/'keep'/'quality'.
+
+    >>> normalize_category("Feature Preservation"), normalize_category(" FOLLOW "), normalize_category("style")
+    ('keep', 'follow', None)
+    """
+    if not isinstance(name, str):
+        return None
+    return CATEGORY_ALIASES.get(" ".join(name.strip().lower().split()))
+
+
+def _loads_loose(text: str) -> Any:
+    """json.loads, then a forgiving fallback: trailing commas, single quotes, True/None."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        pass
+    cleaned = re.sub(r",\s*([\]}])", r"\1", text)  # trailing commas
+    try:
+        return json.loads(cleaned)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        pass
+    try:  # single-quoted "JSON" is a Python literal
+        return ast.literal_eval(cleaned.replace("true", "True").replace("false", "False")
+                                .replace("null", "None"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def _find_bracketed(text: str, open_ch: str, close_ch: str) -> list[str]:
+    """All top-level balanced substrings text[i:j] starting with open_ch (quotes respected)."""
+    out, depth, start, quote, escape = [], 0, -1, None, False
+    for i, ch in enumerate(text):
+        if quote:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == quote:
+                quote = None
+            continue
+        if ch in "\"'" and depth > 0:
+            quote = ch
+        elif ch == open_ch:
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == close_ch and depth > 0:
+            depth -= 1
+            if depth == 0:
+                out.append(text[start:i + 1])
+    return out
+
+
+def parse_principles(text: str) -> dict:
+    """Parse a VLM's decomposition output into principles. Never raises.
+
+    Accepts a JSON array of {"question", "category"} objects anywhere in the text: inside
+    code fences or prose, with single quotes or trailing commas. Validates: non-empty,
+    every question a non-empty string, every category known (paper or short names).
+
+    Returns {"status": "ok" | "error", "principles": list | None, "reason": str}.
+
+    >>> out = parse_principles('''Sure! ```json
+    ... [{'question': 'Is the car red?', 'category': 'Instruction Following'},
+    ...  {"question": "Is the sky unchanged?", "category": "Feature Preservation"},]
+    ... ```''')
+    >>> out["status"], [p["category"] for p in out["principles"]]
+    ('ok', ['follow', 'keep'])
+    >>> parse_principles('[{"question": "Is it nice?", "category": "vibes"}]')["reason"]
+    "principle 1: unknown category 'vibes'"
+    """
+    if not isinstance(text, str):
+        return {"status": "error", "principles": None, "reason": "output is not a string"}
+    last_reason = "no JSON array of principles found"
+    for candidate in reversed(_find_bracketed(text, "[", "]")):  # the answer is usually last
+        data = _loads_loose(candidate)
+        if not isinstance(data, list):
+            continue
+        if not data:
+            last_reason = "empty list of principles"
+            continue
+        principles, reason = [], ""
+        for i, item in enumerate(data, 1):
+            if not isinstance(item, dict):
+                reason = f"principle {i}: not an object"
+                break
+            q, cat = item.get("question"), normalize_category(item.get("category"))
+            if not isinstance(q, str) or not q.strip():
+                reason = f"principle {i}: missing or empty 'question'"
+                break
+            if cat is None:
+                reason = f"principle {i}: unknown category {item.get('category')!r}"
+                break
+            principles.append({"question": q.strip(), "category": cat})
+        if reason:
+            last_reason = reason
+            continue
+        return {"status": "ok", "principles": principles, "reason": ""}
+    return {"status": "error", "principles": None, "reason": last_reason}
+
+
+# =========================================================================================
+# B. Prompt templates (our own wording), as Qwen2.5-VL chat messages.
+# =========================================================================================
+# An image slot is {"type": "image"}; the caller passes the PIL images to the processor in
+# the order the slots appear (source first, then edited). For OpenAI-style endpoints the
+# backend swaps each slot for an image_url data URL.
+
+def _msgs(system: str, user: list[dict]) -> list[dict]:
+    return [{"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": user}]
+
+
+DECOMPOSE_SYSTEM = (
+    "You plan the checks for an image edit. Given the source image and an edit instruction, "
+    "write about ten yes/no questions that a checker can answer by looking at the edited "
+    "image next to the source. Use three categories: 'Instruction Following' (3-4 questions: "
+    "was each requested change made?), 'Feature Preservation' (3-4 questions: did everything "
+    "the instruction does not mention stay as it was?) and 'Image Quality' (2-3 questions: "
+    "is the result free of artefacts, distortions and noise?). Answer with a JSON array of "
+    'objects with the fields "question" and "category", and nothing else.')
+
+
+def decompose_messages(instruction: str, examples: list[dict] | None = None) -> list[dict]:
+    """Messages for principle decomposition (build_data.py step 1); one image slot (source).
+
+    `examples` are in-context demonstrations [{"instruction", "principles"}] (the paper
+    draws 4 from a pool of 60 hand-written ones).
+
+    >>> m = decompose_messages("make the circle red")
+    >>> [c["type"] for c in m[1]["content"]]
+    ['text', 'image', 'text']
+    """
+    demo = ""
+    for ex in examples or []:
+        demo += (f"Example instruction: {ex['instruction']}\nExample answer: "
+                 f"{json.dumps(ex['principles'])}\n\n")
+    return _msgs(DECOMPOSE_SYSTEM, [
+        {"type": "text", "text": demo + "Source image:"}, {"type": "image"},
+        {"type": "text", "text": f"Instruction: {instruction}\nQuestions:"}])
+
+
+# The RRM's rules for the final holistic score (METHOD.md, "The RRM's output").
+VERIFY_RULES = (
+    "Scoring rules for the final score (0-10, decimals allowed): an edit that changes nothing "
+    "scores 0. A change nobody asked for (to the background or to another subject) costs more "
+    "than a requested change that was missed. Deduct in proportion to how much work a re-edit "
+    "would take. A requested move must shift the object clearly (at least a tenth of the "
+    "image); a smaller shift does not count as done.")
+VERIFY_FORMAT = (
+    "Answer in this order: first <think>...</think> with your reasoning, describing what each "
+    "image shows and then checking the questions one by one; then <points>[...]</points>, a "
+    'JSON list with one {"question": <number>, "score": 0 or 1} per question (1 = satisfied, '
+    "0 = not satisfied or unsure); then <average_score>x</average_score>, the mean of the "
+    "points; then <score>y</score>, your final score from 0 to 10.")
+VERIFY_SYSTEMS = {
+    # "full" is the GPU-scale default; "compact" keeps the mini world's prompts short
+    # (prompt tokens dominate the tiny model's cost on CPU). Both ask for the same output.
+    "full": "You are a careful judge of image edits. You see a source image, an edited image "
+            "and the edit instruction, with numbered yes/no questions that together define a "
+            "good edit. " + VERIFY_RULES + " " + VERIFY_FORMAT,
+    "compact": "Judge the edit. Check each question, then give points, average and score.",
+    # A second wording, used by the simulated/real VLM pool to vary prompts.
+    "strict": "You are a strict reviewer of image edits: when in doubt, a question is not "
+              "satisfied. " + VERIFY_RULES + " " + VERIFY_FORMAT,
+}
+
+
+def format_principles(principles: list[dict]) -> str:
+    """Numbered list shown to the RRM.
+
+    >>> print(format_principles([{"question": "Is the circle red?", "category": "follow"}]))
+    1. [Instruction Following] Is the circle red?
+    """
+    return "\n".join(f"{i}. [{CATEGORY_DISPLAY[p['category']]}] {p['question']}"
+                     for i, p in enumerate(principles, 1))
+
+
+def verify_messages(instruction: str, principles: list[dict], variant: str = "full") -> list[dict]:
+    """Messages for the RRM verifier (paper Sec. 3.1): source + edited image, instruction,
+    numbered principles -> reasoning, per-point 0/1, average_score, <score>.
+
+    >>> m = verify_messages("remove the cat", [{"question": "Is the cat gone?", "category": "follow"}], "compact")
+    >>> [c["type"] for c in m[1]["content"]]
+    ['text', 'image', 'text', 'image', 'text']
+    """
+    return _msgs(VERIFY_SYSTEMS[variant], [
+        {"type": "text", "text": "Source:"}, {"type": "image"},
+        {"type": "text", "text": "Edited:"}, {"type": "image"},
+        {"type": "text", "text": f"Instruction: {instruction}\nQuestions:\n"
+                                 f"{format_principles(principles)}"}])
+
+
+INSPECT_SYSTEM = (
+    "You are the inspector of an image-edit dataset. You see the source image, the edited "
+    "image, the instruction and numbered yes/no questions, and some candidate judgements "
+    "written by other models. Use the candidates only as hints: look at the images yourself "
+    "and do not copy them. For every question, in order, give the correct answer (1 = yes, "
+    "0 = no) and a one-line reason. Answer with one JSON object: "
+    '{"gold": [{"question": <number>, "gold": 0 or 1, "reason": "..."}]}.')
+
+
+def inspector_messages(instruction: str, principles: list[dict], trajectories: list[str]) -> list[dict]:
+    """Messages for the external inspector (build_data.py step 4).
+
+    >>> m = inspector_messages("x", [{"question": "q?", "category": "keep"}], ["<score>3</score>"])
+    >>> "Candidate 1" in m[1]["content"][-1]["text"]
+    True
+    """
+    cands = "\n\n".join(f"Candidate {i}:\n{t}" for i, t in enumerate(trajectories, 1))
+    return _msgs(INSPECT_SYSTEM, [
+        {"type": "text", "text": "Source:"}, {"type": "image"},
+        {"type": "text", "text": "Edited:"}, {"type": "image"},
+        {"type": "text", "text": f"Instruction: {instruction}\nQuestions:\n"
+                                 f"{format_principles(principles)}\n\n{cands}"}])
+
+
+# GEdit-Bench-style judge (METHOD.md, Evaluation): SC from [source, edited] as two 0-10
+# sub-scores (edit success, over-editing); PQ from the edited image alone (naturalness,
+# artefacts). The answer is a JSON object with a short reasoning and the two numbers.
+JUDGE_FORMAT = ('Answer with one JSON object: {"reasoning": "...", "score": [a, b]} where a '
+                "and b are numbers from 0 to 10.")
+SC_SYSTEM = ("You rate an image edit. Score a: how well the edited image carries out the "
+             "instruction (0 = not at all, 10 = perfectly). Score b: how little the edit "
+             "changed beyond what was asked (0 = the image was redrawn, 10 = only the "
+             "requested change). " + JUDGE_FORMAT)
+PQ_SYSTEM = ("You rate the quality of an image. Score a: how natural it looks (0 = "
+             "unnatural, 10 = natural). Score b: how free it is of artefacts, blur, noise "
+             "and distortion (0 = heavy, 10 = none). " + JUDGE_FORMAT)
+# A VIEScore-style scalar scorer (the "global scorer" the paper argues against), for the
+# verifier-vs-scorer baseline in evaluate.py.
+SCALAR_SYSTEM = ("Rate this image edit with one number from 0 to 10 for how good it is "
+                 "overall. Answer as <score>x</score>.")
+
+
+def judge_sc_messages(instruction: str) -> list[dict]:
+    """GEdit SC judge: [source, edited] + instruction -> two sub-scores."""
+    return _msgs(SC_SYSTEM, [{"type": "text", "text": "Source:"}, {"type": "image"},
+                             {"type": "text", "text": "Edited:"}, {"type": "image"},
+                             {"type": "text", "text": f"Instruction: {instruction}"}])
+
+
+def judge_pq_messages() -> list[dict]:
+    """GEdit PQ judge: the edited image alone -> two sub-scores."""
+    return _msgs(PQ_SYSTEM, [{"type": "text", "text": "Image:"}, {"type": "image"}])
+
+
+def scalar_messages(instruction: str) -> list[dict]:
+    """VIEScore-style global scorer: [source, edited] + instruction -> <score>x</score>."""
+    return _msgs(SCALAR_SYSTEM, [{"type": "text", "text": "Source:"}, {"type": "image"},
+                                 {"type": "text", "text": "Edited:"}, {"type": "image"},
+                                 {"type": "text", "text": f"Instruction: {instruction}"}])
+
+
+def format_rrm_output(reasoning: str, points: list[int], score: float) -> str:
+    """Write a trajectory in the RRM output format (the SFT target; what the parser reads).
+
+    The average is computed from the points so the two can never disagree.
+
+    >>> print(format_rrm_output("The circle is red now.", [1, 0], 4.5))
+    <think>The circle is red now.</think>
+    <points>[{"question": 1, "score": 1}, {"question": 2, "score": 0}]</points>
+    <average_score>0.50</average_score>
+    <score>4.5</score>
+    """
+    pts = ", ".join(f'{{"question": {i}, "score": {int(s)}}}' for i, s in enumerate(points, 1))
+    avg = sum(points) / len(points) if points else 0.0
+    return (f"<think>{reasoning}</think>\n<points>[{pts}]</points>\n"
+            f"<average_score>{avg:.2f}</average_score>\n<score>{score:g}</score>")
+
+
+# =========================================================================================
+# C. Parsers. Rule: any string in, a dict out; never raise; never invent a number.
+# =========================================================================================
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+# "<score>7.5</score>"; the paper's prompt closes with the malformed "<\score>", accept it.
+_SCORE_RE = re.compile(r"<score>\s*(" + _NUM + r")\s*<\s*[/\\]\s*score\s*>", re.I)
+_AVG_RE = re.compile(r"average_score\W{0,4}?\s*(" + _NUM + r")", re.I)
+_POINTS_RE = re.compile(r"<points>(.*?)<\s*[/\\]\s*points\s*>", re.I | re.S)
+
+
+def _to_float(s: str) -> float | None:
+    try:
+        v = float(s)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _parse_points(text: str) -> list[int] | None:
+    """Per-point 0/1 list from <points>[...]</points>, or the last JSON list of
+    {"question", "score"} objects anywhere. None if absent or not all 0/1."""
+    m = _POINTS_RE.search(text)
+    candidates = [m.group(1)] if m else []
+    candidates += list(reversed(_find_bracketed(text, "[", "]")))
+    for cand in candidates:
+        data = _loads_loose(cand.strip())
+        if not isinstance(data, list) or not data:
+            continue
+        if not all(isinstance(d, dict) and "score" in d for d in data):
+            continue
+        pts = []
+        for d in data:
+            v = d["score"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1):
+                return None
+            pts.append(int(v))
+        return pts
+    return None
+
+
+def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
+    """Parse an RRM trajectory. Never raises, never invents a score.
+
+    Returns {"status", "score", "points", "average", "flags", "reason"}:
+      status  "ok"            a final score in [0, 10] was found (flags may still be set)
+              "no_score"      no <score>x</score> (or a non-number inside it)
+              "out_of_range"  the score is outside [0, 10]; `score` is None, never clamped
+      score   float | None    the holistic score, the default reward Phi(.)
+      points  list[int] | None per-principle 0/1 in order
+      average float | None    the model's own average_score
+      flags   e.g. "average_mismatch", "points_count_mismatch", "multiple_scores",
+              "backslash_close_tag", "no_points", "no_average"
+
+    >>> r = parse_rrm_output(format_rrm_output("ok", [1, 1, 0], 7), n_principles=3)
+    >>> r["status"], r["score"], r["points"], r["average"], r["flags"]
+    ('ok', 7.0, [1, 1, 0], 0.67, [])
+    >>> parse_rrm_output("looks great <score>8<\\\\score>")["flags"]
+    ['backslash_close_tag', 'no_points', 'no_average']
+    >>> parse_rrm_output("I give it 11/10 <score>11</score>")["status"]
+    'out_of_range'
+    >>> parse_rrm_output(None)["status"]
+    'no_score'
+    """
+    out = {"status": "no_score", "score": None, "points": None, "average": None,
+           "flags": [], "reason": ""}
+    if not isinstance(text, str):
+        out["reason"] = f"output is {type(text).__name__}, not a string"
+        return out
+    flags = out["flags"]
+    # Points and average are read even when the final score is missing: the inspector and
+    # the weighted aggregate use them.
+    out["points"] = _parse_points(text)
+    m = _AVG_RE.search(text)
+    out["average"] = _to_float(m.group(1)) if m else None
+    matches = _SCORE_RE.findall(text)
+    if re.search(r"<score>\s*" + _NUM + r"\s*<\s*\\", text):
+        flags.append("backslash_close_tag")
+    if len(matches) > 1:
+        flags.append("multiple_scores")  # we take the last: the model's final word
+    if out["points"] is None:
+        flags.append("no_points")
+    elif n_principles is not None and len(out["points"]) != n_principles:
+        flags.append("points_count_mismatch")
+    if out["average"] is None:
+        flags.append("no_average")
+    elif out["points"] and abs(out["average"] - sum(out["points"]) / len(out["points"])) > 0.01:
+        flags.append("average_mismatch")
+    if not matches:
+        out["reason"] = "no <score>number</score> found"
+        return out
+    value = _to_float(matches[-1])
+    if value is None:
+        out["reason"] = f"score {matches[-1]!r} is not a finite number"
+        return out
+    if not 0.0 <= value <= 10.0:
+        out["status"], out["reason"] = "out_of_range", f"score {value} outside [0, 10]"
+        return out
+    out["status"], out["score"] = "ok", value
+    return out
+
+
+def parse_inspector(text: Any, n_principles: int) -> dict:
+    """Parse the inspector's {"gold": [{question, gold, reason}, ...]}. Never raises.
+
+    Returns {"status": "ok" | "error", "gold": list[int] | None, "reasons": list[str], "reason"}.
+
+    >>> parse_inspector('{"gold": [{"question": 1, "gold": 1, "reason": "red"}, {"question": 2, "gold": 0, "reason": "moved"}]}', 2)["gold"]
+    [1, 0]
+    >>> parse_inspector('{"gold": [{"question": 1, "gold": 1}]}', 2)["reason"]
+    'expected 2 gold labels, got 1'
+    """
+    out = {"status": "error", "gold": None, "reasons": [], "reason": ""}
+    if not isinstance(text, str):
+        out["reason"] = "output is not a string"
+        return out
+    for cand in reversed(_find_bracketed(text, "{", "}")):
+        data = _loads_loose(cand)
+        if not isinstance(data, dict) or not isinstance(data.get("gold"), list):
+            continue
+        gold, reasons = [], []
+        for d in data["gold"]:
+            v = d.get("gold") if isinstance(d, dict) else None
+            if isinstance(v, bool) or v not in (0, 1):
+                out["reason"] = f"gold label {v!r} is not 0 or 1"
+                return out
+            gold.append(int(v))
+            reasons.append(str(d.get("reason", "")))
+        if len(gold) != n_principles:
+            out["reason"] = f"expected {n_principles} gold labels, got {len(gold)}"
+            return out
+        out.update(status="ok", gold=gold, reasons=reasons)
+        return out
+    out["reason"] = 'no JSON object with a "gold" list found'
+    return out
+
+
+def parse_judge(text: Any) -> dict:
+    """Parse a GEdit-style judge answer {"reasoning": ..., "score": [a, b]}. Never raises.
+
+    >>> parse_judge('```json\\n{"reasoning": "fine", "score": [7, 8.5]}\\n```')["scores"]
+    [7.0, 8.5]
+    >>> parse_judge('{"score": [7, 12]}')["status"]
+    'error'
+    """
+    out = {"status": "error", "scores": None, "reason": ""}
+    if not isinstance(text, str):
+        out["reason"] = "output is not a string"
+        return out
+    for cand in reversed(_find_bracketed(text, "{", "}")):
+        data = _loads_loose(cand)
+        if not isinstance(data, dict) or "score" not in data:
+            continue
+        s = data["score"]
+        if (not isinstance(s, list) or len(s) != 2 or
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s)):
+            out["reason"] = f"'score' must be a list of two numbers, got {s!r}"
+            return out
+        vals = [float(v) for v in s]
+        if not all(math.isfinite(v) and 0 <= v <= 10 for v in vals):
+            out["reason"] = f"sub-scores {vals} outside [0, 10]"
+            return out
+        out.update(status="ok", scores=vals)
+        return out
+    out["reason"] = 'no JSON object with a "score" field found'
+    return out
+
+
+# =========================================================================================
+# D. Reward math
+# =========================================================================================
+DEFAULT_WEIGHTS = {"follow": 0.5, "keep": 0.3, "quality": 0.2}
+
+
+def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
+                    weights: dict | None = None) -> float | None:
+    """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
+
+    mode="holistic" (default, the paper's reward): the number inside <score>.
+    mode="weighted": 10 * sum_c w_c * mean(points in category c) / sum_c w_c over the
+      categories present. The paper mentions a "weighted aggregate of principle outcomes"
+      without weights; ours default to follow 0.5, keep 0.3, quality 0.2 (DEFAULT_WEIGHTS).
+      Needs one point per principle, else None.
+
+    >>> ps = [{"question": "a", "category": "follow"}, {"question": "b", "category": "keep"},
+    ...       {"question": "c", "category": "keep"}, {"question": "d", "category": "quality"}]
+    >>> parsed = parse_rrm_output(format_rrm_output("", [1, 1, 0, 1], 6.0))
+    >>> aggregate_score(parsed), aggregate_score(parsed, ps, "weighted")   # 10*(.5*1+.3*.5+.2*1)
+    (6.0, 8.5)
+    """
+    if mode == "holistic":
+        return parsed["score"] if parsed["status"] == "ok" else None
+    if mode != "weighted":
+        raise ValueError(f"unknown aggregation mode {mode!r} (use 'holistic' or 'weighted')")
+    pts = parsed.get("points")
+    if principles is None or pts is None or len(pts) != len(principles):
+        return None
+    weights = weights or DEFAULT_WEIGHTS
+    num = den = 0.0
+    for cat in CATEGORIES:
+        vals = [p for p, pr in zip(pts, principles) if pr["category"] == cat]
+        if vals:
+            num += weights[cat] * sum(vals) / len(vals)
+            den += weights[cat]
+    return 10.0 * num / den if den > 0 else None
+
+
+def verification_accuracy(points: list[int] | None, gold: list[int]) -> float | None:
+    """Fraction of a trajectory's per-point verdicts that match the inspector's gold labels.
+    None when the trajectory has no points or the wrong number of them.
+
+    >>> verification_accuracy([1, 0, 1, 1], [1, 1, 1, 1])
+    0.75
+    """
+    if points is None or len(points) != len(gold) or not gold:
+        return None
+    return sum(int(p == g) for p, g in zip(points, gold)) / len(gold)
+
+
+def select_best_trajectory(parsed: list[dict], gold: list[int]) -> int | None:
+    """Index of the SFT target among K parsed trajectories (build_data.py step 4).
+
+    Paper's rule: highest verification accuracy; ties -> higher average_score, then higher
+    final score, then lower index. Trajectories without a usable final score or points are
+    never chosen. None if none qualifies.
+
+    >>> mk = lambda pts, s: parse_rrm_output(format_rrm_output("", pts, s))
+    >>> trajs = [mk([1, 0, 0], 3), mk([1, 1, 0], 5), mk([1, 1, 0], 6), mk([0, 0, 1], 9)]
+    >>> select_best_trajectory(trajs, gold=[1, 1, 1])   # 1,2 tie on acc and avg; 2 has higher score
+    2
+    """
+    best, best_key = None, None
+    for i, p in enumerate(parsed):
+        acc = verification_accuracy(p.get("points"), gold)
+        if acc is None or p.get("status") != "ok":
+            continue
+        avg = sum(p["points"]) / len(p["points"])
+        key = (acc, avg, p["score"], -i)  # max over this tuple == the paper's tie rules
+        if best_key is None or key > best_key:
+            best, best_key = i, key
+    return best
+
+
+UNPARSEABLE_POLICIES = ("worst", "exclude")
+
+
+def gcpo_ratios(win_scores, lose_scores, unparseable: str = "worst"):
+    """GCPO win/loss ratios (paper Eq. 2), strict inequalities: ties earn nothing.
+
+        r^w_j = (1/N) * #{k : tau^w_j > tau^l_k}      r^l_j = (1/N) * #{k : tau^l_j < tau^w_k}
+
+    Scores are sequences of floats or None (unparseable). The paper does not say what an
+    unparseable trajectory gets; we make it a flag:
+      "worst"   (default) it earns ratio 0, the lowest reward its group can give, so the
+                policy is pushed away from unparseable output; as an opponent it is not
+                counted (the denominator is the number of parseable opponents). It is
+                valid for the advantage (mask True).
+      "exclude" it earns no reward and takes no part: mask False, its advantage is 0 and
+                the group mean is over the parseable trajectories only.
+    With no parseable opponent every ratio is 0 (there is nothing to compare against).
+
+    Returns (r_w (N,), r_l (N,), valid_w (N,), valid_l (N,)) as numpy arrays.
+
+    A 3x3 case by hand: winner scores [8, 5, 3], loser scores [6, 5, 2].
+    r^w: 8 beats all three -> 3/3; 5 beats only 2 (ties do not count) -> 1/3; 3 beats 2 -> 1/3.
+    r^l: 6 is below 8 -> 1/3; 5 is below 8 (not 5) -> 1/3; 2 is below all -> 3/3.
+
+    >>> rw, rl, _, _ = gcpo_ratios([8, 5, 3], [6, 5, 2])
+    >>> rw.round(3).tolist(), rl.round(3).tolist()
+    ([1.0, 0.333, 0.333], [0.333, 0.333, 1.0])
+    >>> rw, rl, vw, vl = gcpo_ratios([8, None], [6, 9], unparseable="worst")
+    >>> rw.tolist(), rl.tolist(), vw.tolist()
+    ([0.5, 0.0], [1.0, 0.0], [True, True])
+    """
+    if unparseable not in UNPARSEABLE_POLICIES:
+        raise ValueError(f"unparseable must be one of {UNPARSEABLE_POLICIES}, got {unparseable!r}")
+    w = np.array([np.nan if s is None else float(s) for s in win_scores], dtype=np.float64)  # (N,)
+    l = np.array([np.nan if s is None else float(s) for s in lose_scores], dtype=np.float64)  # (N,)
+    ok_w, ok_l = ~np.isnan(w), ~np.isnan(l)
+    # (N, N) comparison tables; comparisons with NaN are False, so unparseable opponents add 0
+    # to the numerator, and the denominator counts parseable opponents only.
+    beats = (w[:, None] > l[None, :])       # beats[j, k]  = tau^w_j > tau^l_k
+    below = (l[:, None] < w[None, :])       # below[j, k]  = tau^l_j < tau^w_k
+    r_w = beats.sum(1) / max(int(ok_l.sum()), 1)
+    r_l = below.sum(1) / max(int(ok_w.sum()), 1)
+    if unparseable == "worst":
+        valid_w, valid_l = np.ones_like(ok_w), np.ones_like(ok_l)
+    else:
+        valid_w, valid_l = ok_w, ok_l
+    return r_w, r_l, valid_w, valid_l
+
+
+def centered_advantages(rewards, valid=None):
+    """GCPO advantages (paper Eq. 3): A_j = r_j - mean_k r_k within one group. No std.
+
+    Entries with valid=False get advantage 0 and are left out of the mean.
+
+    >>> centered_advantages([1.0, 1/3, 1/3]).round(3).tolist()
+    [0.444, -0.222, -0.222]
+    >>> centered_advantages([1.0, 0.0, 0.5], valid=[True, True, False]).tolist()
+    [0.5, -0.5, 0.0]
+    """
+    r = np.asarray(rewards, dtype=np.float64)                                  # (N,)
+    v = np.ones_like(r, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    adv = np.zeros_like(r)
+    if v.any():
+        adv[v] = r[v] - r[v].mean()
+    return adv
+
+
+def gcpo_advantages(win_scores, lose_scores, unparseable: str = "worst"):
+    """Eq. 2 + Eq. 3 for one preference pair: (A_w (N,), A_l (N,), r_w, r_l).
+
+    >>> aw, al, _, _ = gcpo_advantages([8, 5, 3], [6, 5, 2])
+    >>> aw.round(3).tolist(), al.round(3).tolist()
+    ([0.444, -0.222, -0.222], [-0.222, -0.222, 0.444])
+    """
+    r_w, r_l, v_w, v_l = gcpo_ratios(win_scores, lose_scores, unparseable)
+    return centered_advantages(r_w, v_w), centered_advantages(r_l, v_l), r_w, r_l
+
+
+def grpo_advantages(rewards, group_size: int, std: str = "population", eps: float = 1e-4,
+                    scope: str = "group", clip: float | None = None):
+    """Flow-GRPO advantages: A_i = (tau_i - mean) / (std + eps) within each group of G.
+
+    rewards: flat (num_groups * G,), consecutive G entries form one group.
+    std:   "population" (divide by G, numpy's default, Flow-GRPO's choice) or "sample" (G-1).
+    scope: "group" (std of each group) or "global" (one std over the whole batch; the mean
+           is always per group).
+    A group whose rewards are all equal gets zeros (never NaN): it carries no signal.
+    clip:  clip advantages to [-clip, clip] (Flow-GRPO uses 5).
+
+    >>> grpo_advantages([1., 3., 5., 5.], group_size=2).round(3).tolist()   # (1-2)/(1+1e-4) ...
+    [-1.0, 1.0, 0.0, 0.0]
+    >>> grpo_advantages([0., 0., 0., 9.], group_size=4, std="sample").round(3).tolist()
+    [-0.5, -0.5, -0.5, 1.5]
+    """
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)      # (num_groups, G)
+    if std not in ("population", "sample") or scope not in ("group", "global"):
+        raise ValueError("std must be 'population'|'sample' and scope 'group'|'global'")
+    if std == "sample" and group_size < 2:
+        raise ValueError("sample std needs group_size >= 2")
+    ddof = 1 if std == "sample" else 0
+    centred = r - r.mean(axis=1, keepdims=True)                           # (num_groups, G)
+    if scope == "group":
+        sd = r.std(axis=1, ddof=ddof, keepdims=True)                      # (num_groups, 1)
+    else:
+        sd = np.full((r.shape[0], 1), r.std(ddof=ddof) if r.size > ddof else 0.0)
+    adv = centred / (sd + eps)
+    adv[np.all(r == r[:, :1], axis=1)] = 0.0                              # all-equal -> zeros
+    if clip is not None:
+        adv = np.clip(adv, -clip, clip)
+    return adv.reshape(-1)
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                  averaging: str = "sequence"):
+    """PPO clipped surrogate over token log-probs (GCPO's Eq. 4, no KL term).
+
+        ratio_t = exp(logp_t - old_logp_t)
+        l_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps_high) * A)
+        loss    = (1/B) sum_i (1/T_i) sum_t l_{i,t}        averaging="sequence" (the paper)
+                = sum_{i,t} l_{i,t} / sum_i T_i             averaging="token" (DAPO-style)
+
+    logp, old_logp, mask: (B, T); advantages: (B,). Returns (loss, stats) with stats:
+    clip_frac (fraction of valid tokens whose ratio was clipped in the direction that
+    matters), approx_kl (mean of (ratio - 1) - log ratio, k3 estimator, monitor only),
+    ratio_mean.
+
+    At ratio 1 the loss is the plain policy-gradient loss -mean_i A_i:
+    >>> lp = torch.zeros(2, 3); m = torch.tensor([[1., 1., 0.], [1., 1., 1.]])
+    >>> loss, st = ppo_clip_loss(lp, lp, torch.tensor([1.0, -3.0]), m)
+    >>> round(loss.item(), 4), st["clip_frac"], st["approx_kl"]
+    (1.0, 0.0, 0.0)
+    """
+    if averaging not in ("sequence", "token"):
+        raise ValueError("averaging must be 'sequence' or 'token'")
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * mask                                  # (B, T)
+    ratio = torch.exp(log_ratio)                                          # (B, T)
+    adv = advantages.to(logp.dtype)[:, None]                              # (B, 1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi) * adv
+    per_token = -torch.minimum(unclipped, clipped) * mask                 # (B, T)
+    if averaging == "sequence":
+        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1.0)           # (B,)
+        loss = per_seq.mean()
+    else:
+        loss = per_token.sum() / mask.sum().clamp(min=1.0)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1.0)
+        clip_frac = (((clipped < unclipped).to(logp.dtype)) * mask).sum() / n
+        approx_kl = (((ratio - 1.0) - log_ratio) * mask).sum() / n
+        ratio_mean = (ratio * mask).sum() / n
+    return loss, {"clip_frac": float(clip_frac), "approx_kl": float(approx_kl),
+                  "ratio_mean": float(ratio_mean)}
+
+
+def gedit_scores(sc_pair: list[float] | None, pq_pair: list[float] | None) -> dict:
+    """GEdit-Bench-EN per-sample scores: SC = min(sc_a, sc_b), PQ = min(pq_a, pq_b),
+    O = sqrt(SC * PQ). Missing judge answers give None (never a made-up number).
+
+    >>> gedit_scores([8, 6], [9, 4])
+    {'SC': 6.0, 'PQ': 4.0, 'O': 4.898979485566356}
+    """
+    sc = float(min(sc_pair)) if sc_pair else None
+    pq = float(min(pq_pair)) if pq_pair else None
+    o = math.sqrt(sc * pq) if sc is not None and pq is not None else None
+    return {"SC": sc, "PQ": pq, "O": o}
