@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -731,3 +732,403 @@ def gedit_scores(sc_pair: list[float] | None, pq_pair: list[float] | None) -> di
     pq = float(min(pq_pair)) if pq_pair else None
     o = math.sqrt(sc * pq) if sc is not None and pq is not None else None
     return {"SC": sc, "PQ": pq, "O": o}
+
+
+# =========================================================================================
+# E. Files: JSONL rows that survive interruption, images written atomically
+# =========================================================================================
+# Every stage reads and writes a run folder. Rules: a row is written with ONE os.write of
+# a complete line (a kill cannot split it), PNGs go through a temp file + os.replace, and a
+# reader names the file and line of anything malformed and says what to do.
+
+class DataError(ValueError):
+    """Bad input: the message names the file/row and what to do about it."""
+
+
+def read_jsonl(path: str, required: tuple = ()) -> list[dict]:
+    """Read a JSONL file; a malformed row or a row missing a required field raises
+    DataError naming the file and line. A partial last line (an interrupted writer) is
+    reported, not silently parsed.
+
+    >>> import tempfile, os; d = tempfile.mkdtemp(); p = os.path.join(d, "x.jsonl")
+    >>> _ = open(p, "w").write('{"a": 1}\\n{"b": 2}\\n')
+    >>> read_jsonl(p, required=("a",))
+    Traceback (most recent call last):
+    ...
+    common.DataError: ...x.jsonl line 2: missing field(s) ['a']; fix or delete that row
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (did the previous stage run? see README)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                tail = " (an interrupted write? rerun the stage: it repairs the tail)" \
+                    if not line.endswith("\n") else ""
+                raise DataError(f"{path} line {i}: not valid JSON ({e.msg}){tail}; "
+                                f"fix or delete that row") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {i}: expected a JSON object; fix or delete that row")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path} line {i}: missing field(s) {missing}; fix or delete that row")
+            rows.append(row)
+    return rows
+
+
+def open_resumable_jsonl(path: str, key: str) -> tuple[set, int]:
+    """Prepare `path` for appending and return (keys already written, rows dropped).
+
+    A trailing partial line (the writer was killed mid-line on a filesystem that allows
+    it) is cut off so the rerun rewrites that row; nothing else is touched.
+    """
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "w").close()
+        return set(), 0
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rfind(b"\n") + 1]
+    dropped = int(len(keep) != len(data))
+    if dropped:
+        with open(path, "wb") as f:
+            f.write(keep)
+    done = set()
+    for line in keep.decode("utf-8").splitlines():
+        if line.strip():
+            done.add(json.loads(line)[key])
+    return done, dropped
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append complete rows with a single os.write, then fsync."""
+    if not rows:
+        return
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write a JSON file via a temp file + os.replace (readers never see half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def save_image_atomic(image, path: str) -> None:
+    """Save a PIL image via a temp file + os.replace."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_image(path: str, where: str = ""):
+    """Open an image as RGB; a missing or corrupt file raises DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+    ctx = f" ({where})" if where else ""
+    if not os.path.exists(path):
+        raise DataError(f"image not found: {path}{ctx}; check the path or remove the row")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"corrupt or unreadable image: {path}{ctx}: {e}; "
+                        f"replace the file or remove the row") from None
+
+
+# =========================================================================================
+# F. VLM backends: one call shape for every role (decomposer, pool member, inspector, judge)
+# =========================================================================================
+# chat(requests, n, temperature, max_tokens) -> for each request, n texts (None = failed).
+# A request is (messages, images) with images filling the {"type": "image"} slots in order.
+#   mini:<member>        the mini world's simulated VLMs (miniworld.sim)
+#   hf:<path>            a local Qwen2.5-VL checkpoint (generate + decode, see section G)
+#   openai:<model>@<url> any OpenAI-compatible /v1/chat/completions endpoint (vLLM,
+#                        `transformers serve`, a hosted API); key from $OPENAI_API_KEY
+#                        (or the variable named by api_key_env), never logged.
+# A failed call returns None for its texts and bumps a counter; no text is ever made up.
+
+def image_data_url(image) -> str:
+    """PNG data URL of a PIL image (what OpenAI-style endpoints accept)."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def to_openai_messages(messages: list[dict], images: list) -> list[dict]:
+    """Replace each {"type": "image"} slot by an image_url data URL, in order.
+
+    >>> from PIL import Image
+    >>> m = to_openai_messages(verify_messages("x", [], "compact"), [Image.new("RGB", (2, 2))] * 2)
+    >>> [c["type"] for c in m[1]["content"]][:2], m[1]["content"][1]["image_url"]["url"][:22]
+    (['text', 'image_url'], 'data:image/png;base64,')
+    """
+    n_slots = sum(c.get("type") == "image" for m in messages for c in m["content"])
+    if n_slots != len(images):
+        raise ValueError(f"{n_slots} image slots but {len(images)} images")
+    it = iter(images)
+    return [{"role": m["role"], "content": [
+        {"type": "image_url", "image_url": {"url": image_data_url(next(it))}}
+        if c.get("type") == "image" else c for c in m["content"]]} for m in messages]
+
+
+def openai_backend(model: str, url: str, api_key_env: str = "OPENAI_API_KEY",
+                   timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
+                   concurrency: int = 8, counters: dict | None = None):
+    """An OpenAI-compatible chat backend (stdlib HTTP; bounded concurrency; retries with
+    exponential backoff on connection errors, timeouts, 429 and 5xx). Servers that ignore
+    `n` (e.g. `transformers serve`) are asked again until n texts arrive."""
+    import time
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    counters = counters if counters is not None else {}
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions")
+                                  else "/chat/completions")
+    key = os.environ.get(api_key_env, "")
+
+    def post(body: dict) -> list[str | None]:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        for attempt in range(retries + 1):
+            try:
+                req = urllib.request.Request(endpoint, data=data, headers=headers)
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    payload = json.loads(resp.read())
+                texts = [c["message"]["content"] for c in payload["choices"]]
+                return [t if isinstance(t, str) else None for t in texts]
+            except urllib.error.HTTPError as e:
+                retry = e.code == 429 or e.code >= 500
+                counters[f"http_{e.code}"] = counters.get(f"http_{e.code}", 0) + 1
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
+                retry = True
+                counters["connection_error"] = counters.get("connection_error", 0) + 1
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                retry = True  # garbage from the server: count it, try again
+                counters["bad_response"] = counters.get("bad_response", 0) + 1
+            if not retry or attempt == retries:
+                break
+            time.sleep(backoff * 2 ** attempt)
+        counters["failed_calls"] = counters.get("failed_calls", 0) + 1
+        return []
+
+    def one(req, n, temperature, max_tokens) -> list[str | None]:
+        messages, images = req
+        body = {"model": model, "messages": to_openai_messages(messages, images),
+                "temperature": temperature, "max_tokens": max_tokens, "n": n}
+        texts: list[str | None] = []
+        for _ in range(n):  # at most n round trips when the server ignores n
+            got = post(body)
+            if not got:
+                break
+            texts += got
+            if len(texts) >= n:
+                break
+        return (texts + [None] * n)[:n]
+
+    def chat(requests, n=1, temperature=0.0, max_tokens=512):
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(lambda r: one(r, n, temperature, max_tokens), requests))
+    return chat
+
+
+def make_backend(spec: str, counters: dict | None = None, **kw):
+    """Build chat(requests, n, temperature, max_tokens) from 'mini:<member>',
+    'hf:<path>' or 'openai:<model>@<url>'."""
+    kind, _, rest = spec.partition(":")
+    if kind == "openai":
+        model, _, url = rest.partition("@")
+        if not model or not url:
+            raise ValueError(f"openai backend spec must be openai:<model>@<url>, got {spec!r}")
+        return openai_backend(model, url, counters=counters, **kw)
+    if kind == "mini":
+        from miniworld import sim  # the environment, imported only when asked for
+        return sim.make_chat(rest, **kw)
+    if kind == "hf":
+        return hf_backend(rest, **kw)
+    raise ValueError(f"unknown backend {spec!r}: use mini:<member>, hf:<path> or openai:<model>@<url>")
+
+
+# =========================================================================================
+# G. The RRM as a model: load, batch two-image prompts, generate N and parse, log-probs
+# =========================================================================================
+# Shared by sft_rrm.py, gcpo.py, flow_grpo.py (in-process reward) and evaluate.py.
+# Qwen2.5-VL facts this code relies on (measured, ../shared/notes/LIBRARY-FACTS.md):
+#  - the processor returns mm_token_type_ids; a forward WITHOUT it silently falls back to
+#    1-D positions, so we always pass it (zeros over completion tokens);
+#  - pixel_values is one flat (sum_i t*h*w, C*p*p) tensor ordered image by image;
+#  - a random or young model can sample <|image_pad|>, which breaks the next forward, so
+#    vision special tokens are suppressed in generation.
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>")
+
+
+def load_rrm(path: str, dtype: torch.dtype | None = None):
+    """(model, processor) from a local folder or hub id, through the Auto classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+    return model, processor
+
+
+def encode_prompts(processor, messages_list: list[list[dict]], images_list: list[list],
+                   max_length: int | None = None):
+    """Left-padded prompt batch: input_ids, attention_mask, mm_token_type_ids, pixel_values,
+    image_grid_thw. A prompt longer than max_length raises (we never cut image tokens)."""
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+             for m in messages_list]
+    images = [img for imgs in images_list for img in imgs]
+    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+                      return_mm_token_type_ids=True)
+    if max_length is not None:
+        lengths = batch["attention_mask"].sum(1)
+        if int(lengths.max()) > max_length:
+            i = int(lengths.argmax())
+            raise DataError(f"prompt {i} has {int(lengths[i])} tokens > max_length {max_length}; "
+                            f"raise --max_length or use smaller images (prompts are never cut)")
+    return batch
+
+
+def repeat_prompts(batch, n: int):
+    """Repeat every prompt n times, prompt-major (rows 0..n-1 are prompt 0), the same row
+    order as generate(num_return_sequences=n). pixel_values is split per prompt by
+    image_grid_thw and rebuilt, since it is flat over all images."""
+    if n == 1:
+        return batch
+    out = {k: batch[k].repeat_interleave(n, 0)
+           for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if batch.get("pixel_values") is not None:
+        per_image = batch["image_grid_thw"].prod(-1).tolist()             # patches per image
+        chunks = list(torch.split(batch["pixel_values"], per_image))
+        imgs_per_prompt = len(per_image) // batch["input_ids"].shape[0]
+        pv, thw = [], []
+        for p in range(batch["input_ids"].shape[0]):
+            sl = slice(p * imgs_per_prompt, (p + 1) * imgs_per_prompt)
+            for _ in range(n):
+                pv += chunks[sl]
+                thw.append(batch["image_grid_thw"][sl])
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pv), torch.cat(thw)
+    return out
+
+
+def suppress_ids(model, processor) -> list[int]:
+    """Token ids the RRM must never generate: vision placeholders, plus whatever the
+    checkpoint's generation_config already suppresses (passing suppress_tokens to generate
+    replaces that list, so we merge)."""
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    ids |= set(getattr(model.generation_config, "suppress_tokens", None) or [])
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+@torch.no_grad()
+def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
+               max_new_tokens: int = 256, top_p: float = 1.0):
+    """Sample n completions per prompt. Returns a dict with
+    texts (list of B lists of n strings), completion_ids (B*n, T), completion_mask (B*n, T),
+    old_logp (B*n, T): log-probs of the sampled tokens under softmax(logits / temperature),
+    the same quantity completion_logprobs computes for the PPO ratio."""
+    tok = processor.tokenizer
+    do_sample = temperature > 0
+    out = model.generate(
+        **{k: v for k, v in batch.items()}, do_sample=do_sample, num_return_sequences=n,
+        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None, max_new_tokens=max_new_tokens,
+        suppress_tokens=suppress_ids(model, processor), return_dict_in_generate=True,
+        output_logits=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model.model.rope_deltas = None  # stale after generate; see LIBRARY-FACTS
+    prompt_len = batch["input_ids"].shape[1]
+    ids = out.sequences[:, prompt_len:]                                   # (B*n, T)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # completion mask: tokens up to and including the first <|im_end|>
+    is_eos = ids == eos
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    mask = (~after).long()
+    logits = torch.stack(out.logits, 1).float()                          # (B*n, T, V)
+    t = temperature if do_sample else 1.0
+    old_logp = torch.log_softmax(logits / t, -1).gather(-1, ids[..., None])[..., 0] * mask
+    texts = tok.batch_decode(ids * mask + tok.pad_token_id * (1 - mask), skip_special_tokens=True)
+    B = batch["input_ids"].shape[0]
+    return {"texts": [texts[i * n:(i + 1) * n] for i in range(B)], "completion_ids": ids,
+            "completion_mask": mask, "old_logp": old_logp}
+
+
+def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature: float = 1.0):
+    """Log-probs (B, T) of completion tokens given prompts (already repeated to B rows).
+
+    One forward over [prompt ; completion]; mm_token_type_ids is extended with zeros over
+    the completion so the 3-D (m-RoPE) positions stay right."""
+    ids = torch.cat([prompts["input_ids"], completion_ids], 1)           # (B, L+T)
+    attn = torch.cat([prompts["attention_mask"], completion_mask], 1)
+    mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
+    model.model.rope_deltas = None
+    out = model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm,
+                pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
+                use_cache=False, logits_to_keep=completion_ids.shape[1] + 1)
+    logits = out.logits[:, :-1].float() / temperature                    # (B, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
+    return logp * completion_mask
+
+
+def tokenize_completions(processor, texts: list[str]):
+    """SFT targets -> (completion_ids, completion_mask), right-padded, each ending in
+    <|im_end|> (the end of the assistant turn)."""
+    tok = processor.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+            for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def rrm_score(model, processor, requests, principles_list, n: int = 1, temperature: float = 0.0,
+              max_new_tokens: int = 256, batch_size: int = 8, variant: str = "compact"):
+    """Generate-N-and-parse: the RRM's verdicts on (source, edited, instruction) requests.
+
+    requests: list of (source_image, edited_image, instruction); principles_list aligned.
+    Returns, per request, n parsed outputs (parse_rrm_output dicts with the raw text)."""
+    results = []
+    for s in range(0, len(requests), batch_size):
+        chunk = requests[s:s + batch_size]
+        pr = principles_list[s:s + batch_size]
+        msgs = [verify_messages(ins, p, variant) for (_, _, ins), p in zip(chunk, pr)]
+        batch = encode_prompts(processor, msgs, [[src, ed] for src, ed, _ in chunk])
+        gen = generate_n(model, processor, batch, n, temperature, max_new_tokens)
+        for texts, p in zip(gen["texts"], pr):
+            results.append([dict(parse_rrm_output(t, len(p)), text=t) for t in texts])
+    return results
+
+
+def hf_backend(path: str, batch_size: int = 8, **_):
+    """chat() over a local checkpoint (any role; the messages carry the role)."""
+    model, processor = load_rrm(path)
+    model.eval()
+
+    def chat(requests, n=1, temperature=0.0, max_tokens=512):
+        out = []
+        for s in range(0, len(requests), batch_size):
+            chunk = requests[s:s + batch_size]
+            batch = encode_prompts(processor, [m for m, _ in chunk], [i for _, i in chunk])
+            out += generate_n(model, processor, batch, n, temperature, max_tokens)["texts"]
+        return out
+    return chat

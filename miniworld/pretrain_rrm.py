@@ -1,0 +1,193 @@
+"""miniworld/pretrain_rrm.py -- give the tiny RRM base eyes: generic perception pretraining.
+
+A real Edit-R1 run starts its RRM from Qwen2.5-VL-3B/7B-Instruct, a VLM that already sees.
+Measured before this file (notes/MINIWORLD-DERISK.md): a tiny Qwen2.5-VL cannot learn
+perception inside a 5-minute SFT. So the mini world's "hub checkpoint" is pretrained here on
+*generic* perception of the world -- describe two images and say what differs -- and NOT on
+the RRM's verification format (principles, 0/1 points, <score>), which stays sft_rrm.py's
+job. The base therefore knows what is in a picture, but has never seen a verification.
+
+Task (one chat turn, two images, plain teacher forcing on the answer only):
+    user:      "Image A:" <img> "Image B:" <img> "Describe both images and what changed."
+    assistant: "A: grey background; red circle at top left; blue square at center.
+                B: grey background; green circle at top left; blue square at center; noisy.
+                changed: top left red circle -> green circle."
+Image pairs: a world source and a candidate edit of it from the simulated editors (every
+category, every error type, noise independent of correctness), the exact target, or the
+source itself (a no-op, "changed: nothing").
+
+Run (2-core CPU; the default budget is 30 minutes on one thread):
+    python -m miniworld.pretrain_rrm --out_dir miniworld/checkpoints/rrm_base
+    python -m miniworld.pretrain_rrm --minutes 1 --out_dir /tmp/rrm_quick      # smoke run
+It builds the random base with miniworld.bases (tokenizer trained on the world's texts and
+on this task's texts), trains, evaluates on held-out (test-split) scenes with greedy
+decoding and writes out_dir/pretrain_summary.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from miniworld import bases, sim, world  # noqa: E402
+
+PROMPT = "Describe both images and what changed."
+
+
+@dataclass
+class Args:
+    out_dir: str = field(default="miniworld/checkpoints/rrm_base", metadata={"help": "where the pretrained base is saved"})
+    minutes: float = field(default=30.0, metadata={"help": "training time budget (wall clock)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (cosine to 10%)"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
+    eval_pairs: int = field(default=200, metadata={"help": "held-out pairs for the final perception check"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+# ----------------------------------------------------------------------------- 1. data
+def describe_image(image) -> str:
+    """What a perfect observer says about one image (perceive() is exact on renders)."""
+    text = world.describe(world.perceive(image))
+    return text + ("; noisy" if world.is_noisy(image) else "")
+
+
+def describe_change(a, b) -> str:
+    """Cell-by-cell difference between two perceived scenes."""
+    sa, sb = world.perceive(a), world.perceive(b)
+    names = world.cell_names(world.DEFAULT.grid)
+    changes = []
+    if sa.background != sb.background:
+        changes.append(f"background {sa.background} -> {sb.background}")
+    for cell in sorted(names):
+        oa, ob = world.object_at(sa, cell), world.object_at(sb, cell)
+        if oa == ob:
+            continue
+        before = f"{oa.color} {oa.shape}" if oa else "empty"
+        after = f"{ob.color} {ob.shape}" if ob else "empty"
+        changes.append(f"{names[cell]} {before} -> {after}")
+    return "; ".join(changes) or "nothing"
+
+
+def target_text(a, b) -> str:
+    return f"A: {describe_image(a)}.\nB: {describe_image(b)}.\nchanged: {describe_change(a, b)}."
+
+
+def messages() -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": "Image A:"}, {"type": "image"},
+        {"type": "text", "text": "Image B:"}, {"type": "image"},
+        {"type": "text", "text": PROMPT}]}]
+
+
+def sample_pair(rng, split: str):
+    """(image A, image B): a source and one of: an editor's candidate (70%), the exact
+    target (15%, noisy half the time), or itself (15%, a no-op)."""
+    ctx = world.sample_context(rng, split=split)
+    src, u = ctx["source_image"], rng.random()
+    if u < 0.70:
+        edited = sim.edit(str(rng.choice(list(sim.EDITORS))), src, ctx["instruction"], rng)
+    elif u < 0.85:
+        edited = ctx["target_image"]
+        if rng.random() < 0.5:
+            edited = world.add_noise(edited, world.DEFAULT.noise_sigma, rng)
+    else:
+        edited = src
+    return src, edited
+
+
+def corpus_for_tokenizer(seed: int) -> list[str]:
+    """World texts plus this task's texts, so every word is one token."""
+    rng = np.random.default_rng(seed + 99)
+    texts = sim.text_corpus()
+    texts += [target_text(*sample_pair(rng, "train")) for _ in range(300)] + [PROMPT, "Image A:", "Image B:"]
+    return texts
+
+
+# ----------------------------------------------------------------------------- 2. eval
+@torch.no_grad()
+def evaluate(model, processor, n_pairs: int, seed: int) -> dict:
+    """Greedy descriptions of held-out pairs. Object accuracy: of the objects in each
+    image (source and edited), the fraction named exactly (colour, shape, position) in the
+    model's 'A:' / 'B:' line; change accuracy: the 'changed:' line exactly right."""
+    model.eval()
+    rng = np.random.default_rng(seed + 12345)
+    pairs = [sample_pair(rng, "test") for _ in range(n_pairs)]
+    obj_hit = obj_total = exact = change_ok = 0
+    for s in range(0, n_pairs, 16):
+        chunk = pairs[s:s + 16]
+        batch = common.encode_prompts(processor, [messages()] * len(chunk), [list(p) for p in chunk])
+        gen = common.generate_n(model, processor, batch, n=1, temperature=0.0, max_new_tokens=96)
+        for (a, b), texts in zip(chunk, gen["texts"]):
+            got, want = texts[0].strip(), target_text(a, b)
+            exact += got == want
+            lines = dict(l.split(": ", 1) for l in got.split("\n") if ": " in l)
+            for key, img in (("A", a), ("B", b)):
+                for o in world.perceive(img).objects:
+                    obj_total += 1
+                    phrase = f"{o.color} {o.shape} at {world.cell_names(3)[o.cell]}"
+                    obj_hit += phrase in lines.get(key, "").split("; ") or \
+                        phrase + "." in lines.get(key, "").split("; ")
+            change_ok += lines.get("changed", "").rstrip(".") == describe_change(a, b)
+    model.train()
+    return {"object_accuracy": obj_hit / max(obj_total, 1), "change_accuracy": change_ok / n_pairs,
+            "exact_match": exact / n_pairs, "pairs": n_pairs}
+
+
+# ----------------------------------------------------------------------------- 3. train
+def main(args: Args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    bases.build_rrm_base(args.out_dir, corpus_for_tokenizer(args.seed), image_size=world.DEFAULT.size,
+                         seed=args.seed)
+    model, processor = common.load_rrm(args.out_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    budget, step, losses = args.minutes * 60, 0, []
+    start = time.time()
+    while time.time() - start < budget:
+        # learning rate: linear warm-up, then cosine to 10% over the *time* budget
+        frac = min((time.time() - start) / budget, 1.0)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pairs = [sample_pair(rng, "train") for _ in range(args.batch_size)]
+        prompts = common.encode_prompts(processor, [messages()] * len(pairs), [list(p) for p in pairs])
+        ids, mask = common.tokenize_completions(processor, [target_text(a, b) for a, b in pairs])
+        logp = common.completion_logprobs(model, prompts, ids, mask)          # (B, T)
+        loss = -(logp.sum() / mask.sum())                                     # token-mean NLL
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step:5d}  loss {np.mean(losses[-50:]):.4f}  lr {lr:.2e}  "
+                  f"{step * args.batch_size / (time.time() - start):.1f} pairs/s", flush=True)
+    train_min = (time.time() - start) / 60
+    metrics = evaluate(model, processor, args.eval_pairs, args.seed)
+    model.save_pretrained(args.out_dir)
+    processor.save_pretrained(args.out_dir)
+    summary = {"steps": step, "pairs_seen": step * args.batch_size, "train_minutes": round(train_min, 2),
+               "total_minutes": round((time.time() - t0) / 60, 2), "final_loss": float(np.mean(losses[-50:])),
+               "threads": args.threads, "held_out": metrics, "args": vars(args)}
+    common.write_json_atomic(os.path.join(args.out_dir, "pretrain_summary.json"), summary)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
