@@ -22,10 +22,12 @@ Dimension legend used in comments:
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -1119,6 +1121,53 @@ def rrm_score(model, processor, requests, principles_list, n: int = 1, temperatu
     return results
 
 
+def pair_requests(pairs: list[dict]):
+    """Preference rows {source, winner, loser, instruction, principles} -> the 2P scoring
+    requests (winner of pair i at 2i, loser at 2i+1) and their principles."""
+    reqs, prins = [], []
+    for p in pairs:
+        src = load_image(p["source"], p.get("id", ""))
+        for k in ("winner", "loser"):
+            reqs.append((src, load_image(p[k], p.get("id", "")), p["instruction"]))
+            prins.append(p["principles"])
+    return reqs, prins
+
+
+def pairwise_accuracy(scores_w: list, scores_l: list) -> dict:
+    """RRM accuracy on preference pairs (EditScore protocol): a pair counts only if the
+    preferred edit scores STRICTLY higher; ties and unparseable scores count as wrong.
+
+    >>> pairwise_accuracy([7, 5, None, 3], [6, 5, 2, None])
+    {'accuracy': 0.25, 'ties': 0.25, 'unparsed_pairs': 0.5, 'pairs': 4}
+    """
+    n = len(scores_w)
+    right = sum(1 for w, l in zip(scores_w, scores_l) if w is not None and l is not None and w > l)
+    ties = sum(1 for w, l in zip(scores_w, scores_l) if w is not None and w == l)
+    unparsed = sum(1 for w, l in zip(scores_w, scores_l) if w is None or l is None)
+    return {"accuracy": right / max(n, 1), "ties": ties / max(n, 1), "unparsed_pairs": unparsed / max(n, 1), "pairs": n}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, processor, pairs: list[dict], variant: str = "compact", max_new_tokens: int = 256,
+                   batch_size: int = 16, n: int = 1, temperature: float = 0.0) -> dict:
+    """Score both edits of every pair (mean of n samples if n > 1: "reasoning expansion")
+    and return pairwise accuracy, parse rate and the mean score. Greedy by default."""
+    was_training = model.training
+    model.eval()
+    reqs, prins = pair_requests(pairs)
+    results = rrm_score(model, processor, reqs, prins, n=n, temperature=temperature,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, variant=variant)
+    model.train(was_training)
+    scores = []
+    for outs in results:
+        ok = [o["score"] for o in outs if o["status"] == "ok"]
+        scores.append(sum(ok) / len(ok) if ok else None)
+    parsed = [o["status"] == "ok" for outs in results for o in outs]
+    valid = [s for s in scores if s is not None]
+    return {**pairwise_accuracy(scores[0::2], scores[1::2]), "parse_rate": sum(parsed) / max(len(parsed), 1),
+            "mean_score": sum(valid) / max(len(valid), 1), "scores": scores}
+
+
 def hf_backend(path: str, batch_size: int = 8, **_):
     """chat() over a local checkpoint (any role; the messages carry the role)."""
     model, processor = load_rrm(path)
@@ -1132,3 +1181,105 @@ def hf_backend(path: str, batch_size: int = 8, **_):
             out += generate_n(model, processor, batch, n, temperature, max_tokens)["texts"]
         return out
     return chat
+
+
+# =========================================================================================
+# H. Editing pipelines (FLUX.1-Kontext, Qwen-Image-Edit) called the way they must be called
+# =========================================================================================
+# Shared by build_data.py (candidate editors) and evaluate.py (editor evaluation); flow_grpo.py
+# runs its own SDE loop over the same components.
+
+def load_edit_pipeline(path: str, dtype: torch.dtype | None = None):
+    """FluxKontextPipeline or QwenImageEditPipeline, whichever model_index.json names."""
+    from diffusers import DiffusionPipeline
+    return DiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32)
+
+
+@contextlib.contextmanager
+def qwen_edit_at_area(area: int):
+    """Run QwenImageEditPipeline.__call__ at `area` pixels instead of ~1024 x 1024.
+
+    Why: __call__ starts with `calculate_dimensions(1024 * 1024, width / height)` and resizes
+    the condition image to that size for both the VAE (image latents: 4096 tokens at 1 MP)
+    and the text encoder, whatever height/width are passed; no argument changes it (passing
+    latents as `image` fails earlier, on `image.size`). We swap that module-level function for
+    the duration of the block; nothing else of the pipeline changes. On GPUs at the real
+    resolution, simply do not use this.
+
+    Example:
+        with qwen_edit_at_area(96 * 96):
+            out = pipe(image=img, prompt_embeds=pe, prompt_embeds_mask=mask, height=96, width=96)
+    """
+    from diffusers import QwenImageEditPipeline
+    module = sys.modules[QwenImageEditPipeline.__module__]
+    original = module.calculate_dimensions
+    module.calculate_dimensions = lambda _target_area, ratio: original(area, ratio)
+    try:
+        yield
+    finally:
+        module.calculate_dimensions = original
+
+
+def qwen_edit_prompt_embeds(pipe, prompt: str | list[str], image) -> tuple:
+    """Qwen-Image-Edit's prompt embeddings with multimodal positions.
+
+    Same recipe as QwenImageEditPipeline._get_qwen_prompt_embeds -- wrap the instruction in the
+    pipeline's template, run the Qwen2.5-VL text encoder over [template, image, instruction],
+    take the last hidden states, drop the system prefix, pad to the longest -- except that the
+    processor's `mm_token_type_ids` are passed on. Without them (the pipeline's call, under
+    transformers 5.x) the encoder cannot build its 3-D M-RoPE positions and falls back to 1-D
+    positions 0..L-1, which is not how Qwen2.5-VL reads images (an open upstream bug).
+    The dropped prefix is counted with the pipeline's tokenizer, not assumed to be 64.
+
+    image: the PIL image(s) the pipeline would give its encoder: one per prompt (inside
+    qwen_edit_at_area a 96 px image is passed unchanged). Returns (prompt_embeds (B, L, D),
+    prompt_embeds_mask (B, L)), to pass to pipe(prompt_embeds=..., prompt_embeds_mask=...).
+    Gradients flow (for training the encoder); wrap the call in torch.no_grad() otherwise.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    template = pipe.prompt_template_encode
+    drop = len(pipe.tokenizer(template.split("<|vision_start|>")[0]).input_ids)
+    inputs = pipe.processor(text=[template.format(p) for p in prompts], images=image, padding=True,
+                            return_tensors="pt").to(pipe.text_encoder.device)
+    out = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                            mm_token_type_ids=inputs["mm_token_type_ids"],  # the missing argument
+                            output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]                                          # (B, T, D)
+    keep = inputs["attention_mask"].bool()
+    rows = [h[m][drop:] for h, m in zip(hidden, keep)]                      # B x (L_b, D)
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
+    mask = torch.stack([torch.arange(length, device=hidden.device) < r.shape[0] for r in rows]).long()
+    return embeds.to(pipe.text_encoder.dtype), mask                         # (B, L, D), (B, L)
+
+
+@torch.no_grad()
+def pipeline_edit(pipe, images: list, instructions: list[str], seed: int = 0, steps: int = 28,
+                  size: int | None = None, guidance_scale: float = 2.5, true_cfg_scale: float = 4.0,
+                  max_sequence_length: int = 512) -> list:
+    """Edit a batch with a diffusers editing pipeline; returns PIL images.
+
+    Kontext: guidance-distilled (one pass, `guidance_scale` goes into the guidance
+    embedding); we stop its ~1 MP auto-resize (max_area, _auto_resize=False) so the output
+    has the source's size (or `size`). Qwen-Image-Edit: true classifier-free guidance
+    (`true_cfg_scale`, two passes, negative prompt " "); prompt embeddings computed with
+    multimodal positions (qwen_edit_prompt_embeds), and the condition image kept at the
+    output area instead of the pipeline's fixed ~1024 x 1024."""
+    h = w = size or images[0].size[1]
+    if size is None:
+        h, w = images[0].size[1], images[0].size[0]
+    h, w = h // 16 * 16, w // 16 * 16
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(image=images, height=h, width=w, num_inference_steps=steps, generator=gen)
+    if type(pipe).__name__.startswith("FluxKontext"):
+        return pipe(prompt=instructions, max_area=h * w, _auto_resize=False, guidance_scale=guidance_scale,
+                    max_sequence_length=max_sequence_length, **kw).images
+    if type(pipe).__name__.startswith("QwenImageEdit"):
+        with qwen_edit_at_area(h * w):
+            pe, mask = qwen_edit_prompt_embeds(pipe, instructions, images)
+            if true_cfg_scale > 1:
+                npe, nmask = qwen_edit_prompt_embeds(pipe, [" "] * len(images), images)
+                kw.update(negative_prompt_embeds=npe, negative_prompt_embeds_mask=nmask)
+            return pipe(prompt_embeds=pe, prompt_embeds_mask=mask, true_cfg_scale=true_cfg_scale, **kw).images
+    raise ValueError(f"unsupported editing pipeline {type(pipe).__name__}")

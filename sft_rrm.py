@@ -1,20 +1,252 @@
-"""sft_rrm.py -- Cold-start SFT of the reasoning reward model (paper Sec. 3.2): a Qwen2.5-VL model learns to write reasoning, per-principle 0/1 verdicts, the average and a final <score> from the selected trajectories.
+"""sft_rrm.py -- cold-start SFT of the reasoning reward model (Edit-R1 paper Sec. 3.2).
 
-Not implemented yet (issue 5): this stub only parses its arguments.
+A Qwen2.5-VL model learns to write, for (source image, edited image, instruction, principles),
+the selected chain-of-thought trajectory of build_data.py: reasoning, per-principle 0/1
+verdicts, their average and a final <score>. Loss: negative log-likelihood of the assistant
+completion only (prompt and image tokens masked), mean over each sequence's tokens, then
+over sequences -- so 1 process with batch B and k processes with batch B/k take the same step.
+
+What it deliberately does not do: packing, curriculum, or any reward. GCPO (gcpo.py) is the
+next stage. Held-out pairwise accuracy and parse rate are measured with common.py's parser,
+the same numbers evaluate.py reports.
+
+Run
+  python sft_rrm.py                                    # mini world, CPU, < 5 min
+  python sft_rrm.py --sft_set think_only               # the paper's Think-only ablation
+  accelerate launch sft_rrm.py --model Qwen/Qwen2.5-VL-7B-Instruct --run_dir runs/real \\
+      --batch_size 64 --per_device_batch_size 4 --lr 1e-5 --epochs 2 --bf16 \\
+      --gradient_checkpointing --max_length 4096 --variant full          # 1 GPU
+  accelerate launch --config_file configs/zero2.yaml sft_rrm.py ...same flags...  # 8 GPUs
+Resume: add --resume_from_checkpoint latest (continues the same data order and schedule).
+
+Legend: B = sequences in a (local) batch, L = prompt tokens, T = completion tokens.
 """
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
 from dataclasses import dataclass, field
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
 from transformers import HfArgumentParser
+
+import common as C
 
 
 @dataclass
 class Args:
-    run_dir: str = field(default="runs/mini", metadata={"help": "run folder that stages hand over through"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    # --- data and model
+    model: str = field(default="miniworld/checkpoints/rrm_base", metadata={"help": "Qwen2.5-VL checkpoint (folder or hub id)"})
+    run_dir: str = field(default="runs/mini", metadata={"help": "run folder: reads <run_dir>/data, writes <run_dir>/<output_name>"})
+    sft_set: str = field(default="think_verify", metadata={"help": "think_verify (the paper's T+V) or think_only (T)"})
+    output_name: str = field(default="", metadata={"help": "output subfolder (default sft_rrm or sft_rrm_think_only)"})
+    variant: str = field(default="compact", metadata={"help": "verify prompt wording (common.VERIFY_SYSTEMS); mini: compact, real: full"})
+    max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; longer samples stop the run with their id"})
+    # --- optimisation
+    epochs: float = field(default=8.0, metadata={"help": "passes over the SFT set"})
+    batch_size: int = field(default=32, metadata={"help": "GLOBAL sequences per optimizer step (all processes, all accumulation)"})
+    per_device_batch_size: int = field(default=32, metadata={"help": "sequences per forward on one process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (mini: 1e-3; 7B full FT: ~1e-5; LoRA: ~1e-4)"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine or linear decay after warm-up"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps for linear warm-up"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model's linear layers (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU runs)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU)"})
+    # --- evaluation, logging, checkpoints
+    eval_every: int = field(default=100, metadata={"help": "evaluate held-out pairs every N steps (0 = only at the end)"})
+    eval_split: str = field(default="val", metadata={"help": "pairs_<split>.jsonl used for periodic evaluation"})
+    eval_max_pairs: int = field(default=200, metadata={"help": "cap on evaluated pairs"})
+    max_new_tokens: int = field(default=160, metadata={"help": "generation length at evaluation"})
+    log_every: int = field(default=10, metadata={"help": "console/TensorBoard line every N steps"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save_state every N steps (0 = never)"})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "keep at most this many checkpoints"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint folder or 'latest'"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = from epochs)"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order and init of LoRA)"})
 
 
-def main(args: Args) -> None:
-    raise SystemExit("sft_rrm.py: not implemented yet (see issue 5); only --help works.")
+# =========================================================================================
+# Small pure helpers
+# =========================================================================================
+def lr_at(step: int, total: int, args: Args) -> float:
+    """Linear warm-up, then cosine (or linear) decay to min_lr_ratio * lr."""
+    warm = max(1, int(args.warmup_ratio * total))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.schedule == "cosine" else 1 - frac
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
+
+
+def batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
+    """The rows of optimizer step `step`: a fresh seeded permutation per epoch, read in
+    order. A pure function of the step, so resuming at step s replays exactly."""
+    per_epoch = n_rows // global_batch
+    epoch, k = divmod(step, per_epoch)
+    perm = list(range(n_rows))
+    random.Random(seed * 100003 + epoch).shuffle(perm)
+    return perm[k * global_batch:(k + 1) * global_batch]
+
+
+def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
+    """NLL of the target completions, mean over each sequence's tokens, then over sequences.
+    Returns (loss, number of completion tokens)."""
+    msgs = [C.verify_messages(r["instruction"], r["principles"], variant) for r in rows]
+    images = [[C.load_image(r["source"], r["id"]), C.load_image(r["edited"], r["id"])] for r in rows]
+    prompts = C.encode_prompts(processor, msgs, images)                       # (B, L)
+    ids, mask = C.tokenize_completions(processor, [r["target"] for r in rows])  # (B, T)
+    lengths = prompts["attention_mask"].sum(1) + mask.sum(1)
+    if int(lengths.max()) > max_length:  # never cut inside image tokens: stop and say which
+        i = int(lengths.argmax())
+        raise C.DataError(f"SFT row {rows[i]['id']} has {int(lengths[i])} tokens > --max_length "
+                          f"{max_length}; raise --max_length or drop the row")
+    logp = C.completion_logprobs(model, prompts, ids, mask)                  # (B, T), 0 on padding
+    per_seq = logp.sum(1) / mask.sum(1).clamp(min=1)                          # (B,)
+    return -per_seq.mean(), int(mask.sum())
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
+    return os.path.join(ckpt_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+# =========================================================================================
+def main(args: Args) -> dict:
+    out_dir = os.path.join(args.run_dir, args.output_name or ("sft_rrm" if args.sft_set == "think_verify"
+                                                              else f"sft_rrm_{args.sft_set}"))
+    # INFRA: one Accelerator; gradient accumulation is ours (global batch = processes x
+    # per-device batch x accumulation), so the data order does not depend on the layout.
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
+                              log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
+    P, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % (P * args.per_device_batch_size):
+        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of processes x "
+                         f"--per_device_batch_size ({P} x {args.per_device_batch_size})")
+    accum = args.batch_size // (P * args.per_device_batch_size)
+    set_seed(args.seed)
+
+    # 1. data: the SFT set and held-out pairs written by build_data.py
+    data_dir = os.path.join(args.run_dir, "data")
+    rows = [r for r in C.read_jsonl(os.path.join(data_dir, f"sft_{args.sft_set}.jsonl"),
+                                    required=("id", "source", "edited", "instruction", "principles", "target"))
+            if r.get("split", "train") == "train"]
+    if len(rows) < args.batch_size:
+        raise C.DataError(f"only {len(rows)} training rows in sft_{args.sft_set}.jsonl, fewer than "
+                          f"--batch_size {args.batch_size}; build more data or lower the batch")
+    eval_pairs = C.read_jsonl(os.path.join(data_dir, f"pairs_{args.eval_split}.jsonl"),
+                              required=("source", "winner", "loser", "instruction", "principles"))[:args.eval_max_pairs]
+    total = args.max_steps or int(args.epochs * len(rows) // args.batch_size)
+
+    # 2. model: Auto classes; LoRA (peft) optional
+    model, processor = C.load_rrm(args.model)
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    model, opt = accelerator.prepare(model, opt)
+    base = accelerator.unwrap_model(model)
+    core = base.get_base_model() if args.lora_r else base   # the Qwen2_5_VL model itself
+
+    # INFRA: resume. save_state holds model, optimizer and RNG; the step is in the folder name.
+    ckpt_dir, step = os.path.join(out_dir, "checkpoints"), 0
+    if args.resume_from_checkpoint:
+        path = latest_checkpoint(ckpt_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+        if path:
+            accelerator.load_state(path)
+            step = int(path.rstrip("/").split("-")[-1])
+            accelerator.print(f"resumed from {path} at step {step}")
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("sft_rrm", config={k: v for k, v in vars(args).items()})
+
+    def evaluate(tag: str) -> dict:
+        # every process scores its shard of the pairs; results gathered in pair order
+        shard = eval_pairs[rank::P]
+        res = C.evaluate_pairs(core, processor, shard, args.variant, args.max_new_tokens) if shard else {"scores": []}
+        scores = [None] * (2 * len(eval_pairs))
+        for r, s in enumerate(gather_object([res["scores"]])):
+            for j, v in enumerate(s):
+                scores[2 * (r + P * (j // 2)) + j % 2] = v
+        acc = C.pairwise_accuracy(scores[0::2], scores[1::2])
+        valid = [s for s in scores if s is not None]
+        out = {"accuracy": acc["accuracy"], "parse_rate": len(valid) / max(len(scores), 1),
+               "ties": acc["ties"], "mean_score": sum(valid) / max(len(valid), 1), "pairs": len(eval_pairs)}
+        accelerator.print(f"[eval {tag}] pairwise accuracy {out['accuracy']:.3f}  parse rate "
+                          f"{out['parse_rate']:.3f}  ties {out['ties']:.3f}  ({len(eval_pairs)} {args.eval_split} pairs)")
+        return out
+
+    # 3. train
+    history, t0 = [], time.time()
+    model.train()
+    bar = tqdm(range(step, total), initial=step, total=total, desc="sft", disable=not accelerator.is_local_main_process)
+    for step in bar:
+        lr = lr_at(step, total, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = batch_indices(step, len(rows), args.batch_size, args.seed)
+        local = idx[rank * accum * args.per_device_batch_size:(rank + 1) * accum * args.per_device_batch_size]
+        loss_sum, tokens = 0.0, 0
+        for a in range(accum):
+            micro = [rows[i] for i in local[a * args.per_device_batch_size:(a + 1) * args.per_device_batch_size]]
+            with accelerator.no_sync(model) if a < accum - 1 else torch.enable_grad():
+                loss, n_tok = sft_loss(model, processor, micro, args.variant, args.max_length)
+                accelerator.backward(loss / accum)   # mean over micro-batches = mean over sequences
+            loss_sum += loss.item() / accum
+            tokens += n_tok
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # logging: the global loss is the mean of the processes' sequence means
+        g_loss = accelerator.gather(torch.tensor([loss_sum], device=accelerator.device)).mean().item()
+        g_tok = int(accelerator.gather(torch.tensor([tokens], device=accelerator.device)).sum())
+        history.append(g_loss)
+        logs = {"train/loss": g_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                "train/tokens": g_tok, "train/seqs_per_s": (step + 1) * args.batch_size / (time.time() - t0 + 1e-9)}
+        if (step + 1) % args.log_every == 0:
+            accelerator.print(f"step {step + 1}/{total}  loss {g_loss:.4f}  lr {lr:.2e}  grad {float(grad_norm):.2f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            logs.update({f"eval/{k}": v for k, v in evaluate(f"step {step + 1}").items()})
+        accelerator.log(logs, step=step + 1)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(os.path.join(ckpt_dir, f"checkpoint-{step + 1}"))
+            if accelerator.is_main_process:  # rotation
+                old = sorted((int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-")))
+                for s in old[:-args.checkpoints_total_limit]:
+                    shutil.rmtree(os.path.join(ckpt_dir, f"checkpoint-{s}"), ignore_errors=True)
+
+    # 4. final evaluation and save (merged weights, loadable by the Auto classes)
+    final = evaluate("final")
+    accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=total)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        to_save = base.merge_and_unload() if args.lora_r else base
+        to_save.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        summary = {"eval": final, "steps": total, "train_loss_last": history[-1] if history else None,
+                   "loss_history": history, "minutes": round((time.time() - t0) / 60, 2),
+                   "sft_set": args.sft_set, "rows": len(rows), "args": vars(args)}
+        C.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    accelerator.end_training()
+    return final
 
 
 if __name__ == "__main__":

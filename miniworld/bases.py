@@ -409,62 +409,8 @@ def build_qwen_edit(out_dir: str | Path, corpus: list[str], image_size: int = 96
     return out_dir
 
 
-@contextlib.contextmanager
-def qwen_edit_at_area(area: int):
-    """Run QwenImageEditPipeline.__call__ at `area` pixels instead of ~1024 x 1024.
-
-    Why: __call__ starts with `calculate_dimensions(1024 * 1024, width / height)` and resizes
-    the condition image to that size for both the VAE (image latents: 4096 tokens at 1 MP)
-    and the text encoder, whatever height/width are passed; no argument changes it (passing
-    latents as `image` fails earlier, on `image.size`). We swap that module-level function for
-    the duration of the block; nothing else of the pipeline changes. On GPUs at the real
-    resolution, simply do not use this.
-
-    Example:
-        with qwen_edit_at_area(96 * 96):
-            out = pipe(image=img, prompt_embeds=pe, prompt_embeds_mask=mask, height=96, width=96)
-    """
-    module = sys.modules[QwenImageEditPipeline.__module__]
-    original = module.calculate_dimensions
-    module.calculate_dimensions = lambda _target_area, ratio: original(area, ratio)
-    try:
-        yield
-    finally:
-        module.calculate_dimensions = original
-
-
-def qwen_edit_prompt_embeds(pipe: QwenImageEditPipeline, prompt: str | list[str], image) -> tuple:
-    """Qwen-Image-Edit's prompt embeddings with multimodal positions.
-
-    Same recipe as QwenImageEditPipeline._get_qwen_prompt_embeds -- wrap the instruction in the
-    pipeline's template, run the Qwen2.5-VL text encoder over [template, image, instruction],
-    take the last hidden states, drop the system prefix, pad to the longest -- except that the
-    processor's `mm_token_type_ids` are passed on. Without them (the pipeline's call, under
-    transformers 5.x) the encoder cannot build its 3-D M-RoPE positions and falls back to 1-D
-    positions 0..L-1, which is not how Qwen2.5-VL reads images (an open upstream bug).
-    The dropped prefix is counted with the pipeline's tokenizer, not assumed to be 64.
-
-    image: the PIL image(s) the pipeline would give its encoder: one per prompt (inside
-    qwen_edit_at_area a 96 px image is passed unchanged). Returns (prompt_embeds (B, L, D),
-    prompt_embeds_mask (B, L)), to pass to pipe(prompt_embeds=..., prompt_embeds_mask=...).
-    Gradients flow (for training the encoder); wrap the call in torch.no_grad() otherwise.
-    """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    template = pipe.prompt_template_encode
-    drop = len(pipe.tokenizer(template.split("<|vision_start|>")[0]).input_ids)
-    inputs = pipe.processor(text=[template.format(p) for p in prompts], images=image, padding=True,
-                            return_tensors="pt").to(pipe.text_encoder.device)
-    out = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                            mm_token_type_ids=inputs["mm_token_type_ids"],  # the missing argument
-                            output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states[-1]                                          # (B, T, D)
-    keep = inputs["attention_mask"].bool()
-    rows = [h[m][drop:] for h, m in zip(hidden, keep)]                      # B x (L_b, D)
-    length = max(r.shape[0] for r in rows)
-    embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
-    mask = torch.stack([torch.arange(length, device=hidden.device) < r.shape[0] for r in rows]).long()
-    return embeds.to(pipe.text_encoder.dtype), mask                         # (B, L, D), (B, L)
+# qwen_edit_at_area and qwen_edit_prompt_embeds live in common.py (real runs need them too).
+from common import qwen_edit_at_area, qwen_edit_prompt_embeds  # noqa: E402,F401
 
 
 # =========================================================================================
