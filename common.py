@@ -800,9 +800,13 @@ def open_resumable_jsonl(path: str, key: str) -> tuple[set, int]:
         with open(path, "wb") as f:
             f.write(keep)
     done = set()
-    for line in keep.decode("utf-8").splitlines():
+    for i, line in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
         if line.strip():
-            done.add(json.loads(line)[key])
+            try:
+                done.add(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path} line {i}: not a JSON object with {key!r}; "
+                                f"fix or delete that row") from None
     return done, dropped
 
 
@@ -889,10 +893,11 @@ def to_openai_messages(messages: list[dict], images: list) -> list[dict]:
 
 def openai_backend(model: str, url: str, api_key_env: str = "OPENAI_API_KEY",
                    timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
-                   concurrency: int = 8, counters: dict | None = None):
+                   concurrency: int = 8, counters: dict | None = None, **_):
     """An OpenAI-compatible chat backend (stdlib HTTP; bounded concurrency; retries with
     exponential backoff on connection errors, timeouts, 429 and 5xx). Servers that ignore
-    `n` (e.g. `transformers serve`) are asked again until n texts arrive."""
+    `n` (e.g. `transformers serve`) are asked again until n texts arrive. Keywords meant
+    for other backends (`seed`, which build_data.py passes to every role) are ignored."""
     import time
     import urllib.error
     import urllib.request
@@ -913,6 +918,8 @@ def openai_backend(model: str, url: str, api_key_env: str = "OPENAI_API_KEY",
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
                     payload = json.loads(resp.read())
                 texts = [c["message"]["content"] for c in payload["choices"]]
+                if not texts:
+                    raise IndexError("no choices")  # an empty answer is a bad response too
                 return [t if isinstance(t, str) else None for t in texts]
             except urllib.error.HTTPError as e:
                 retry = e.code == 429 or e.code >= 500
@@ -981,6 +988,14 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
                  "<|video_pad|>")
 
 
+def reset_rope_cache(model) -> None:
+    """Forget Qwen2.5-VL's cached m-RoPE offsets (stale after generate or on a new batch),
+    through a DDP (.module) or peft (.get_base_model()) wrapper if there is one."""
+    m = getattr(model, "module", model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    m.model.rope_deltas = None
+
+
 def load_rrm(path: str, dtype: torch.dtype | None = None):
     """(model, processor) from a local folder or hub id, through the Auto classes."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -1008,26 +1023,23 @@ def encode_prompts(processor, messages_list: list[list[dict]], images_list: list
     return batch
 
 
-def repeat_prompts(batch, n: int):
-    """Repeat every prompt n times, prompt-major (rows 0..n-1 are prompt 0), the same row
-    order as generate(num_return_sequences=n). pixel_values is split per prompt by
-    image_grid_thw and rebuilt, since it is flat over all images."""
-    if n == 1:
-        return batch
-    out = {k: batch[k].repeat_interleave(n, 0)
-           for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+def select_rows(batch, rows: list[int]) -> dict:
+    """The prompt batch restricted to (or repeated into) `rows`. pixel_values is flat over
+    all images, so it is split per image by image_grid_thw and rebuilt row by row."""
+    out = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if batch.get("pixel_values") is not None:
         per_image = batch["image_grid_thw"].prod(-1).tolist()             # patches per image
-        chunks = list(torch.split(batch["pixel_values"], per_image))
-        imgs_per_prompt = len(per_image) // batch["input_ids"].shape[0]
-        pv, thw = [], []
-        for p in range(batch["input_ids"].shape[0]):
-            sl = slice(p * imgs_per_prompt, (p + 1) * imgs_per_prompt)
-            for _ in range(n):
-                pv += chunks[sl]
-                thw.append(batch["image_grid_thw"][sl])
-        out["pixel_values"], out["image_grid_thw"] = torch.cat(pv), torch.cat(thw)
+        k = len(per_image) // batch["input_ids"].shape[0]                 # images per row
+        chunks = torch.split(batch["pixel_values"], per_image)
+        out["pixel_values"] = torch.cat([chunks[r * k + j] for r in rows for j in range(k)])
+        out["image_grid_thw"] = batch["image_grid_thw"].reshape(-1, k, 3)[rows].reshape(-1, 3)
     return out
+
+
+def repeat_prompts(batch, n: int) -> dict:
+    """Every prompt n times, prompt-major (rows 0..n-1 are prompt 0): the row order of
+    generate(num_return_sequences=n)."""
+    return select_rows(batch, [i for i in range(batch["input_ids"].shape[0]) for _ in range(n)])
 
 
 def suppress_ids(model, processor) -> list[int]:
@@ -1055,7 +1067,7 @@ def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
         top_k=0 if do_sample else None, max_new_tokens=max_new_tokens,
         suppress_tokens=suppress_ids(model, processor), return_dict_in_generate=True,
         output_logits=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    model.model.rope_deltas = None  # stale after generate; see LIBRARY-FACTS
+    reset_rope_cache(model)  # stale after generate; see LIBRARY-FACTS
     prompt_len = batch["input_ids"].shape[1]
     ids = out.sequences[:, prompt_len:]                                   # (B*n, T)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -1080,7 +1092,7 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
     ids = torch.cat([prompts["input_ids"], completion_ids], 1)           # (B, L+T)
     attn = torch.cat([prompts["attention_mask"], completion_mask], 1)
     mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
-    model.model.rope_deltas = None
+    reset_rope_cache(model)
     out = model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm,
                 pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
                 use_cache=False, logits_to_keep=completion_ids.shape[1] + 1)

@@ -1,0 +1,99 @@
+"""sft_rrm.py: the loss is on the completion only, 1 process == 2 processes, resume replays
+the same trajectory, the saved model reloads through the Auto classes and generates."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import common as C
+import sft_rrm
+from stage_fixtures import run_script
+
+
+def test_masked_prompt_tokens_contribute_no_loss(tiny_run):
+    torch.manual_seed(0)
+    model, processor = C.load_rrm(tiny_run["base"])
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:3]
+    loss, n_tok = sft_rrm.sft_loss(model, processor, rows, "compact", 4096)
+    # by hand: one forward over [prompt ; target ; <|im_end|>] per row, the NLL of the
+    # target tokens only, averaged per row, then over rows
+    tok = processor.tokenizer
+    per_row = []
+    for r in rows:
+        msgs = [C.verify_messages(r["instruction"], r["principles"], "compact")]
+        prompt = C.encode_prompts(processor, msgs, [[C.load_image(r["source"]), C.load_image(r["edited"])]])
+        target = tok(r["target"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        ids = torch.cat([prompt["input_ids"], torch.tensor([target])], 1)
+        mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros(1, len(target), dtype=torch.long)], 1)
+        model.model.rope_deltas = None
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                       pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0]
+        L = prompt["input_ids"].shape[1]
+        nll = [-torch.log_softmax(logits[L - 1 + t], -1)[target[t]].item() for t in range(len(target))]
+        per_row.append(sum(nll) / len(nll))
+    assert abs(loss.item() - sum(per_row) / len(per_row)) < 1e-4
+    assert n_tok == sum(len(tok(r["target"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+    # changing the prompt text changes the loss only through conditioning, never by adding
+    # terms: a prompt twice as long leaves the number of scored tokens unchanged
+    longer = [dict(r, instruction=r["instruction"] + " please, carefully") for r in rows]
+    assert sft_rrm.sft_loss(model, processor, longer, "compact", 4096)[1] == n_tok
+
+
+def test_too_long_sample_is_an_error_naming_the_row(tiny_run):
+    model, processor = C.load_rrm(tiny_run["base"])
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:1]
+    with pytest.raises(C.DataError, match=rows[0]["id"].replace("|", r"\|")):
+        sft_rrm.sft_loss(model, processor, rows, "compact", 16)
+
+
+def _args(tiny_run, name, **kw):
+    base = ["sft_rrm.py", "--model", tiny_run["base"], "--run_dir", tiny_run["run"], "--output_name", name,
+            "--report_to", "none", "--eval_max_pairs", "2", "--max_new_tokens", "8", "--eval_every", "0",
+            "--batch_size", "8", "--lr", "1e-3"]
+    return base + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+
+
+def _summary(tiny_run, name):
+    return json.load(open(os.path.join(tiny_run["run"], name, "summary.json")))
+
+
+@pytest.mark.slow
+def test_one_vs_two_processes_and_resume(tiny_run):
+    # 1 process, batch 8 on one device
+    run_script(_args(tiny_run, "sft_p1", max_steps=4, per_device_batch_size=8, checkpoint_every=2))
+    one = _summary(tiny_run, "sft_p1")["loss_history"]
+    # 2 processes x 4 sequences: the same global batch, the same rows per step
+    run_script(_args(tiny_run, "sft_p2", max_steps=4, per_device_batch_size=4), two_procs=True)
+    two = _summary(tiny_run, "sft_p2")["loss_history"]
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (one, two)
+    # gradient accumulation: 1 process, 2 micro-batches of 4 == one batch of 8
+    run_script(_args(tiny_run, "sft_acc", max_steps=4, per_device_batch_size=4))
+    acc = _summary(tiny_run, "sft_acc")["loss_history"]
+    for a, b in zip(one, acc):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (one, acc)
+    # resume from step 2 replays steps 3 and 4 exactly
+    ck = os.path.join(tiny_run["run"], "sft_p1", "checkpoints", "checkpoint-2")
+    assert os.path.isdir(ck)
+    shutil.copytree(ck, os.path.join(tiny_run["run"], "sft_resume", "checkpoints", "checkpoint-2"))
+    run_script(_args(tiny_run, "sft_resume", max_steps=4, per_device_batch_size=8,
+                     resume_from_checkpoint="latest"))
+    resumed = _summary(tiny_run, "sft_resume")["loss_history"]
+    assert len(resumed) == 2
+    for a, b in zip(one[2:], resumed):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (one, resumed)
+    # the saved model reloads through the Auto classes and generates
+    model, processor = C.load_rrm(os.path.join(tiny_run["run"], "sft_p1"))
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "pairs_train.jsonl"))[:1]
+    out = C.evaluate_pairs(model, processor, rows, max_new_tokens=6)
+    assert out["pairs"] == 1 and len(out["scores"]) == 2
+
+
+def test_missing_sft_set_is_a_clear_error(tiny_run, tmp_path):
+    args = sft_rrm.Args(model=tiny_run["base"], run_dir=str(tmp_path), report_to="none")
+    with pytest.raises(C.DataError, match="sft_think_verify.jsonl: file not found"):
+        sft_rrm.main(args)
