@@ -111,9 +111,13 @@ def real_contexts(args):
     rows = []
     if kind == "imgedit":
         try:
-            data = json.load(open(path, encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8 text at all
             raise C.DataError(f"{path}: cannot read ImgEdit JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise C.DataError(f"{path}: expected ImgEdit's {{key: {{id, prompt, edit_type}}}} object, "
+                              f"got a JSON {type(data).__name__}")
         for key, item in data.items():
             if not isinstance(item, dict) or not {"id", "prompt"} <= set(item):
                 raise C.DataError(f"{path} key {key!r}: expected {{id, prompt, edit_type}}; fix the file")
@@ -159,8 +163,10 @@ def make_editor(spec: str, args):
         return lambda image, instruction, seed: sim.edit(name, image, instruction, np.random.default_rng(seed))
     if kind in ("kontext", "qwen_edit"):
         pipe = C.load_edit_pipeline(name)
+        pipe.set_progress_bar_config(disable=True)
+        # pipeline_edit works on batches (lists of images / instructions, returns a list)
         return lambda image, instruction, seed: C.pipeline_edit(
-            pipe, image, instruction, seed=seed, steps=args.edit_steps, size=args.edit_size or None)
+            pipe, [image], [instruction], seed=seed, steps=args.edit_steps, size=args.edit_size or None)[0]
     raise SystemExit(f"unknown editor {spec!r}: use mini:<name>, kontext:<path> or qwen_edit:<path>")
 
 
@@ -207,7 +213,8 @@ def step_decompose(rows, args, paths, counters):
                 continue
             out.append({**r, "principles": parsed["principles"]})
         C.append_jsonl(paths["contexts"], out)
-    return C.read_jsonl(paths["contexts"], required=("id", "principles"))
+    wanted = {r["id"] for r in rows}  # a reused run folder may hold rows of another input
+    return [c for c in C.read_jsonl(paths["contexts"], required=("id", "principles")) if c["id"] in wanted]
 
 
 def step_edit(contexts, args, paths, img_dir, counters):
@@ -218,7 +225,8 @@ def step_edit(contexts, args, paths, img_dir, counters):
     for c, spec in tqdm(jobs, desc="2 edit", unit="edit"):
         cid = f"{c['id']}|{spec}"
         image = editors[spec](C.load_image(c["source"], c["id"]), c["instruction"], seed_of(args.seed, cid))
-        path = os.path.join(img_dir, f"{c['id']}_{spec.replace(':', '-').replace('/', '_')}.png")
+        safe = spec.replace(":", "-").replace("/", "_")[-40:]  # readable, plus a hash: no collisions
+        path = os.path.join(img_dir, f"{c['id']}_{safe}_{hashlib.md5(spec.encode()).hexdigest()[:6]}.png")
         C.save_image_atomic(image, path)  # image first, then the row that points at it
         C.append_jsonl(paths["candidates"], [{"id": cid, "context_id": c["id"], "editor": spec, "image": path}])
     return C.read_jsonl(paths["candidates"], required=("id", "context_id", "image"))
@@ -302,7 +310,8 @@ def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
         ctx, tr = ctx_by_id[c["context_id"]], trajs[c["id"]]["trajectories"]
         base = {"id": c["id"], "split": ctx["split"], "source": ctx["source"], "edited": c["image"],
                 "instruction": ctx["instruction"], "principles": ctx["principles"], "variant": args.rrm_variant}
-        ok = [i for i, t in enumerate(tr) if t["status"] == "ok" and t["points"] is not None]
+        ok = [i for i, t in enumerate(tr) if t["status"] == "ok" and t["points"] is not None
+              and len(t["points"]) == len(ctx["principles"])]
         if ok:
             i = rng.choice(ok)
             t_only.append({**base, "target": tr[i]["text"], "trajectory": i})

@@ -762,8 +762,10 @@ def read_jsonl(path: str, required: tuple = ()) -> list[dict]:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found (did the previous stage run? see README)")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for i, line in enumerate(f, 1):
+            if any(0xDC80 <= ord(ch) <= 0xDCFF for ch in line):
+                raise DataError(f"{path} line {i}: not UTF-8 text; re-encode the file as UTF-8")
             if not line.strip():
                 continue
             try:
@@ -1082,6 +1084,95 @@ def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
     B = batch["input_ids"].shape[0]
     return {"texts": [texts[i * n:(i + 1) * n] for i in range(B)], "completion_ids": ids,
             "completion_mask": mask, "old_logp": old_logp}
+
+
+def _unwrap(model):
+    m = getattr(model, "module", model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def prefill(model, prompts):
+    """Run the vision tower and the prompt ONCE per prompt.
+
+    Returns (logits of the last prompt token (B, V), the KV cache, the m-RoPE position of
+    the first completion token (B,)). Text after the images advances all three m-RoPE axes
+    together, so completion token t sits at next_pos + t on every axis."""
+    pos, _ = _unwrap(model).model.get_rope_index(
+        prompts["input_ids"], prompts["mm_token_type_ids"], image_grid_thw=prompts.get("image_grid_thw"),
+        attention_mask=prompts["attention_mask"])                          # (3, B, L)
+    reset_rope_cache(model)
+    out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                mm_token_type_ids=prompts["mm_token_type_ids"], pixel_values=prompts.get("pixel_values"),
+                image_grid_thw=prompts.get("image_grid_thw"), position_ids=pos, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.cache, pos.amax(dim=(0, 2)) + 1
+
+
+def _positions(start: torch.Tensor, T: int) -> torch.Tensor:
+    """(3, R, T) m-RoPE positions of T text tokens starting at start (R,)."""
+    return (start[:, None] + torch.arange(T, device=start.device)).unsqueeze(0).expand(3, -1, -1)
+
+
+@torch.no_grad()
+def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 1.0,
+                    max_new_tokens: int = 256):
+    """generate_n with prefix sharing: the vision tower and the prompt run once per prompt,
+    the KV cache is copied to the n samples, then all B*n rows decode together.
+
+    HF generate(num_return_sequences=n) expands the inputs first, so it re-encodes both
+    images and re-reads the prompt n times. Sampling is plain temperature sampling (no
+    top-k / top-p: RL needs the log-prob of the distribution actually sampled); T = 0 is
+    greedy. Returns the same dict as generate_n (texts, completion_ids, completion_mask,
+    old_logp), rows prompt-major."""
+    tok = processor.tokenizer
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    B = prompts["input_ids"].shape[0]
+    logits, cache, start = prefill(model, prompts)
+    cache.batch_repeat_interleave(n)                                       # share the prefix
+    logits, start = logits.repeat_interleave(n, 0), start.repeat_interleave(n)
+    attn = prompts["attention_mask"].repeat_interleave(n, 0)
+    blocked = torch.tensor(suppress_ids(_unwrap(model), processor), dtype=torch.long)
+    done = torch.zeros(B * n, dtype=torch.bool)
+    ids, logps = [], []
+    for t in range(max_new_tokens):
+        scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B*n, V)
+        logp = torch.log_softmax(scaled, -1)        # what completion_logprobs computes
+        allowed = scaled.index_fill(1, blocked, float("-inf"))
+        nxt = (torch.multinomial(torch.softmax(allowed, -1), 1)[:, 0] if temperature > 0
+               else allowed.argmax(-1))
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        ids.append(nxt)
+        logps.append(logp.gather(1, nxt[:, None])[:, 0] * (~done))
+        done = done | (nxt == eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=_positions(start + t, 1),
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    ids = torch.stack(ids, 1)                                              # (B*n, T)
+    is_eos = ids == eos
+    mask = (~((is_eos.cumsum(1) - is_eos.long()) > 0)).long()              # up to the first eos
+    texts = tok.batch_decode(ids * mask + pad * (1 - mask), skip_special_tokens=True)
+    return {"texts": [texts[i * n:(i + 1) * n] for i in range(B)], "completion_ids": ids,
+            "completion_mask": mask, "old_logp": torch.stack(logps, 1) * mask}
+
+
+def completion_logprobs_shared(model, prompts, prompt_index: list[int], completion_ids, completion_mask,
+                               temperature: float = 1.0):
+    """completion_logprobs with prefix sharing, exact: each unique prompt (vision tower
+    included) is encoded once, its KV cache gathered for every completion row r that uses
+    prompt prompt_index[r], and the completions run on top. Gradients flow through the
+    gather back into the shared prompt pass. Returns (R, T) log-probs."""
+    logits0, cache, start = prefill(model, prompts)
+    idx = torch.tensor(prompt_index, dtype=torch.long)
+    cache.batch_select_indices(idx)                                         # (R, ...) copies
+    T = completion_ids.shape[1]
+    attn = torch.cat([prompts["attention_mask"][idx], completion_mask], 1)
+    out = model(input_ids=completion_ids, attention_mask=attn, position_ids=_positions(start[idx], T),
+                cache=cache, use_cache=True)
+    logits = torch.cat([logits0[idx][:, None], out.logits[:, :-1]], 1).float() / temperature  # (R, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
+    return logp * completion_mask
 
 
 def completion_logprobs(model, prompts, completion_ids, completion_mask, temperature: float = 1.0):

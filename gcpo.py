@@ -62,6 +62,7 @@ class Args:
     pairs_per_step: int = field(default=8, metadata={"help": "GLOBAL pairs per optimizer step"})
     per_device_pairs: int = field(default=8, metadata={"help": "pairs per process per step (rollouts)"})
     micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward in the update"})
+    share_prefix: bool = field(default=True, metadata={"help": "encode each prompt (images included) once and share its KV cache across its N samples, in generation and in the update (exact); off = HF generate + full forward"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warm-up)"})
     warmup_steps: int = field(default=3, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -190,8 +191,9 @@ def main(args: Args) -> dict:
         reqs, prins = C.pair_requests(local)
         msgs = [C.verify_messages(ins, p, args.variant) for (_, _, ins), p in zip(reqs, prins)]
         prompts = C.encode_prompts(processor, msgs, [[s, e] for s, e, _ in reqs])      # (2P, L)
-        gen = C.generate_n(core, processor, prompts, n=args.n, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens)
+        sample = C.generate_shared if args.share_prefix else C.generate_n
+        gen = sample(core, processor, prompts, n=args.n, temperature=args.temperature,
+                     max_new_tokens=args.max_new_tokens)
         ids, mask, old_logp = gen["completion_ids"], gen["completion_mask"], gen["old_logp"]  # (S, T)
 
         # 2. score: parse every trajectory (None = unparseable, never invented)
@@ -205,7 +207,7 @@ def main(args: Args) -> dict:
         # Sequences with zero advantage add exactly 0 to the loss and its gradient, so only
         # live ones are run; the denominator stays S, as in the paper's 1/(2N) per pair.
         core.train()
-        full = C.repeat_prompts(prompts, args.n)
+        full = None if args.share_prefix else C.repeat_prompts(prompts, args.n)
         rows = torch.nonzero(adv != 0).flatten().tolist()
         S = adv.numel()
         stats = {"clip_frac": [], "approx_kl": [], "ratio_mean": []}
@@ -214,9 +216,15 @@ def main(args: Args) -> dict:
             for ci, rb in enumerate(chunks):
                 sync = ci == len(chunks) - 1
                 with torch.enable_grad() if sync else accelerator.no_sync(model):
+                    if rb and args.share_prefix:  # each prompt once, its cache gathered per row
+                        uniq = sorted({r // args.n for r in rb})
+                        where = [uniq.index(r // args.n) for r in rb]
+                        logp = C.completion_logprobs_shared(model, C.select_rows(prompts, uniq), where,
+                                                            ids[rb], mask[rb], args.temperature)  # (b, T)
+                    elif rb:
+                        logp = C.completion_logprobs(model, C.select_rows(full, rb), ids[rb], mask[rb],
+                                                     args.temperature)                          # (b, T)
                     if rb:
-                        sub = C.select_rows(full, rb)
-                        logp = C.completion_logprobs(model, sub, ids[rb], mask[rb], args.temperature)  # (b, T)
                         loss, st = C.ppo_clip_loss(logp, old_logp[rb], adv[rb], mask[rb], args.clip_eps)
                         loss = loss * len(rb) / S
                         for k in stats:
