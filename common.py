@@ -1056,7 +1056,7 @@ def suppress_ids(model, processor) -> list[int]:
 
 @torch.no_grad()
 def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
-               max_new_tokens: int = 256, top_p: float = 1.0):
+               max_new_tokens: int = 256, top_p: float = 1.0, min_new_tokens: int = 0):
     """Sample n completions per prompt. Returns a dict with
     texts (list of B lists of n strings), completion_ids (B*n, T), completion_mask (B*n, T),
     old_logp (B*n, T): log-probs of the sampled tokens under softmax(logits / temperature),
@@ -1066,7 +1066,7 @@ def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
     out = model.generate(
         **{k: v for k, v in batch.items()}, do_sample=do_sample, num_return_sequences=n,
         temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None, max_new_tokens=max_new_tokens,
+        top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         suppress_tokens=suppress_ids(model, processor), return_dict_in_generate=True,
         output_logits=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     reset_rope_cache(model)  # stale after generate; see LIBRARY-FACTS
@@ -1114,7 +1114,7 @@ def _positions(start: torch.Tensor, T: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 1.0,
-                    max_new_tokens: int = 256):
+                    max_new_tokens: int = 256, min_new_tokens: int = 0):
     """generate_n with prefix sharing: the vision tower and the prompt run once per prompt,
     the KV cache is copied to the n samples, then all B*n rows decode together.
 
@@ -1136,7 +1136,8 @@ def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 
     for t in range(max_new_tokens):
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B*n, V)
         logp = torch.log_softmax(scaled, -1)        # what completion_logprobs computes
-        allowed = scaled.index_fill(1, blocked, float("-inf"))
+        allowed = scaled.index_fill(1, blocked if t >= min_new_tokens else
+                                    torch.cat([blocked, torch.tensor([eos])]), float("-inf"))
         nxt = (torch.multinomial(torch.softmax(allowed, -1), 1)[:, 0] if temperature > 0
                else allowed.argmax(-1))
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
