@@ -59,8 +59,8 @@ class Args:
     skip_missing: bool = field(default=False, metadata={"help": "skip (and count) rows whose image is missing or corrupt instead of stopping"})
     # --- mini world sizes (ignored for real sources)
     n_train: int = field(default=240, metadata={"help": "mini: training contexts"})
-    n_val: int = field(default=30, metadata={"help": "mini: validation contexts"})
-    n_test: int = field(default=60, metadata={"help": "mini: test contexts"})
+    n_val: int = field(default=50, metadata={"help": "mini: validation contexts"})
+    n_test: int = field(default=100, metadata={"help": "mini: test contexts"})
     # --- who does what
     decomposer: str = field(default="mini:decomposer", metadata={"help": "backend that writes principles"})
     editors: str = field(default="mini:faithful,mini:sloppy,mini:lazy", metadata={"help": "comma list of editors"})

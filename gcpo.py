@@ -55,7 +55,7 @@ class Args:
     # --- GCPO (the paper leaves all of these open; defaults are ours)
     n: int = field(default=8, metadata={"help": "N: trajectories per image (2N per pair)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the ratio's log-probs)"})
-    max_new_tokens: int = field(default=160, metadata={"help": "max completion tokens"})
+    max_new_tokens: int = field(default=256, metadata={"help": "max completion tokens"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon"})
     unparseable: str = field(default="worst", metadata={"help": "unparseable score policy: worst (ratio 0, pushed down) or exclude (advantage 0); see common.gcpo_ratios"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts (1 = on-policy; >1 uses the clip)"})

@@ -67,7 +67,7 @@ class Args:
     eval_every: int = field(default=100, metadata={"help": "evaluate held-out pairs every N steps (0 = only at the end)"})
     eval_split: str = field(default="val", metadata={"help": "pairs_<split>.jsonl used for periodic evaluation"})
     eval_max_pairs: int = field(default=200, metadata={"help": "cap on evaluated pairs"})
-    max_new_tokens: int = field(default=160, metadata={"help": "generation length at evaluation"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation length at evaluation"})
     log_every: int = field(default=10, metadata={"help": "console/TensorBoard line every N steps"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
     checkpoint_every: int = field(default=0, metadata={"help": "save_state every N steps (0 = never)"})
