@@ -702,10 +702,11 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     if averaging not in ("sequence", "token"):
         raise ValueError("averaging must be 'sequence' or 'token'")
     hi = clip_eps if clip_eps_high is None else clip_eps_high
-    mask = mask.to(logp.dtype)
+    mask = mask.to(device=logp.device, dtype=logp.dtype)
+    old_logp = old_logp.to(logp.device)
     log_ratio = (logp - old_logp) * mask                                  # (B, T)
     ratio = torch.exp(log_ratio)                                          # (B, T)
-    adv = advantages.to(logp.dtype)[:, None]                              # (B, 1)
+    adv = advantages.to(device=logp.device, dtype=logp.dtype)[:, None]    # (B, 1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi) * adv
     per_token = -torch.minimum(unclipped, clipped) * mask                 # (B, T)
@@ -1063,8 +1064,9 @@ def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
     the same quantity completion_logprobs computes for the PPO ratio."""
     tok = processor.tokenizer
     do_sample = temperature > 0
+    batch = to_device(batch, model)
     out = model.generate(
-        **{k: v for k, v in batch.items()}, do_sample=do_sample, num_return_sequences=n,
+        **batch, do_sample=do_sample, num_return_sequences=n,
         temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         suppress_tokens=suppress_ids(model, processor), return_dict_in_generate=True,
@@ -1086,6 +1088,12 @@ def generate_n(model, processor, batch, n: int = 1, temperature: float = 1.0,
             "completion_mask": mask, "old_logp": old_logp}
 
 
+def to_device(batch, model) -> dict:
+    """The batch's tensors on the model's device (processors return CPU tensors)."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _unwrap(model):
     m = getattr(model, "module", model)
     return m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -1097,6 +1105,7 @@ def prefill(model, prompts):
     Returns (logits of the last prompt token (B, V), the KV cache, the m-RoPE position of
     the first completion token (B,)). Text after the images advances all three m-RoPE axes
     together, so completion token t sits at next_pos + t on every axis."""
+    prompts = to_device(prompts, model)
     pos, _ = _unwrap(model).model.get_rope_index(
         prompts["input_ids"], prompts["mm_token_type_ids"], image_grid_thw=prompts.get("image_grid_thw"),
         attention_mask=prompts["attention_mask"])                          # (3, B, L)
@@ -1129,15 +1138,16 @@ def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 
     logits, cache, start = prefill(model, prompts)
     cache.batch_repeat_interleave(n)                                       # share the prefix
     logits, start = logits.repeat_interleave(n, 0), start.repeat_interleave(n)
-    attn = prompts["attention_mask"].repeat_interleave(n, 0)
-    blocked = torch.tensor(suppress_ids(_unwrap(model), processor), dtype=torch.long)
-    done = torch.zeros(B * n, dtype=torch.bool)
+    attn = prompts["attention_mask"].to(logits.device).repeat_interleave(n, 0)
+    dev = logits.device
+    blocked = torch.tensor(suppress_ids(_unwrap(model), processor), dtype=torch.long, device=dev)
+    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
     ids, logps = [], []
     for t in range(max_new_tokens):
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B*n, V)
         logp = torch.log_softmax(scaled, -1)        # what completion_logprobs computes
         allowed = scaled.index_fill(1, blocked if t >= min_new_tokens else
-                                    torch.cat([blocked, torch.tensor([eos])]), float("-inf"))
+                                    torch.cat([blocked, torch.tensor([eos], device=dev)]), float("-inf"))
         nxt = (torch.multinomial(torch.softmax(allowed, -1), 1)[:, 0] if temperature > 0
                else allowed.argmax(-1))
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -1165,10 +1175,11 @@ def completion_logprobs_shared(model, prompts, prompt_index: list[int], completi
     prompt prompt_index[r], and the completions run on top. Gradients flow through the
     gather back into the shared prompt pass. Returns (R, T) log-probs."""
     logits0, cache, start = prefill(model, prompts)
-    idx = torch.tensor(prompt_index, dtype=torch.long)
+    idx = torch.tensor(prompt_index, dtype=torch.long, device=logits0.device)
+    completion_ids, completion_mask = completion_ids.to(idx.device), completion_mask.to(idx.device)
     cache.batch_select_indices(idx)                                         # (R, ...) copies
     T = completion_ids.shape[1]
-    attn = torch.cat([prompts["attention_mask"][idx], completion_mask], 1)
+    attn = torch.cat([prompts["attention_mask"].to(idx.device)[idx], completion_mask], 1)
     out = model(input_ids=completion_ids, attention_mask=attn, position_ids=_positions(start[idx], T),
                 cache=cache, use_cache=True)
     logits = torch.cat([logits0[idx][:, None], out.logits[:, :-1]], 1).float() / temperature  # (R, T, V)
@@ -1181,6 +1192,8 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
 
     One forward over [prompt ; completion]; mm_token_type_ids is extended with zeros over
     the completion so the 3-D (m-RoPE) positions stay right."""
+    prompts = to_device(prompts, model)
+    completion_ids, completion_mask = completion_ids.to(prompts["input_ids"].device), completion_mask.to(prompts["input_ids"].device)
     ids = torch.cat([prompts["input_ids"], completion_ids], 1)           # (B, L+T)
     attn = torch.cat([prompts["attention_mask"], completion_mask], 1)
     mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
@@ -1219,7 +1232,7 @@ def rrm_score(model, processor, requests, principles_list, n: int = 1, temperatu
         pr = principles_list[s:s + batch_size]
         msgs = [verify_messages(ins, p, variant) for (_, _, ins), p in zip(chunk, pr)]
         batch = encode_prompts(processor, msgs, [[src, ed] for src, ed, _ in chunk])
-        gen = generate_n(model, processor, batch, n, temperature, max_new_tokens)
+        gen = generate_shared(model, processor, batch, n, temperature, max_new_tokens)
         for texts, p in zip(gen["texts"], pr):
             results.append([dict(parse_rrm_output(t, len(p)), text=t) for t in texts])
     return results
@@ -1282,7 +1295,7 @@ def hf_backend(path: str, batch_size: int = 8, **_):
         for s in range(0, len(requests), batch_size):
             chunk = requests[s:s + batch_size]
             batch = encode_prompts(processor, [m for m, _ in chunk], [i for _, i in chunk])
-            out += generate_n(model, processor, batch, n, temperature, max_tokens)["texts"]
+            out += generate_shared(model, processor, batch, n, temperature, max_tokens)["texts"]
         return out
     return chat
 

@@ -113,7 +113,7 @@ def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
         raise C.DataError(f"SFT row {rows[i]['id']} has {int(lengths[i])} tokens > --max_length "
                           f"{max_length}; raise --max_length or drop the row")
     logp = C.completion_logprobs(model, prompts, ids, mask)                  # (B, T), 0 on padding
-    per_seq = logp.sum(1) / mask.sum(1).clamp(min=1)                          # (B,)
+    per_seq = logp.sum(1) / mask.to(logp.device).sum(1).clamp(min=1)          # (B,)
     return -per_seq.mean(), int(mask.sum())
 
 
