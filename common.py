@@ -826,6 +826,25 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
         os.close(fd)
 
 
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest <ckpt_dir>/checkpoint-<step> folder, or None (for --resume_from_checkpoint latest)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
+    return os.path.join(ckpt_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def save_checkpoint(accelerator, ckpt_dir: str, step: int, keep: int) -> None:
+    """accelerate save_state to <ckpt_dir>/checkpoint-<step>, keeping the newest `keep`."""
+    import shutil
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(ckpt_dir, f"checkpoint-{step}"))
+    if accelerator.is_main_process:
+        old = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
+        for s in old[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, f"checkpoint-{s}"), ignore_errors=True)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write a JSON file via a temp file + os.replace (readers never see half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"

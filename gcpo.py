@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -106,11 +105,6 @@ def pair_advantages(scores: list[list], n: int, policy: str):
     return torch.tensor(adv, dtype=torch.float32), np.array(rew), live
 
 
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    if not os.path.isdir(ckpt_dir):
-        return None
-    steps = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
-    return os.path.join(ckpt_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
 # =========================================================================================
@@ -151,7 +145,7 @@ def main(args: Args) -> dict:
 
     ckpt_dir, start = os.path.join(out_dir, "checkpoints"), 0
     if args.resume_from_checkpoint:
-        path = latest_checkpoint(ckpt_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+        path = C.latest_checkpoint(ckpt_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
         if path:
             accelerator.load_state(path)
             start = int(path.rstrip("/").split("-")[-1])
@@ -207,7 +201,10 @@ def main(args: Args) -> dict:
         # Sequences with zero advantage add exactly 0 to the loss and its gradient, so only
         # live ones are run; the denominator stays S, as in the paper's 1/(2N) per pair.
         core.train()
-        full = None if args.share_prefix else C.repeat_prompts(prompts, args.n)
+        # HF turns the KV cache off under gradient checkpointing, so the shared-prefix update
+        # (which needs the prompt's cache) falls back to the full forward there.
+        share = args.share_prefix and not args.gradient_checkpointing
+        full = None if share else C.repeat_prompts(prompts, args.n)
         rows = torch.nonzero(adv != 0).flatten().tolist()
         S = adv.numel()
         stats = {"clip_frac": [], "approx_kl": [], "ratio_mean": []}
@@ -216,7 +213,7 @@ def main(args: Args) -> dict:
             for ci, rb in enumerate(chunks):
                 sync = ci == len(chunks) - 1
                 with torch.enable_grad() if sync else accelerator.no_sync(model):
-                    if rb and args.share_prefix:  # each prompt once, its cache gathered per row
+                    if rb and share:  # each prompt once, its cache gathered per row
                         uniq = sorted({r // args.n for r in rb})
                         where = [uniq.index(r // args.n) for r in rb]
                         logp = C.completion_logprobs_shared(model, C.select_rows(prompts, uniq), where,
@@ -258,12 +255,7 @@ def main(args: Args) -> dict:
             logs.update({f"eval/{k}": v for k, v in ev.items()})
         accelerator.log(logs, step=step + 1)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            accelerator.wait_for_everyone()
-            accelerator.save_state(os.path.join(ckpt_dir, f"checkpoint-{step + 1}"))
-            if accelerator.is_main_process:
-                old = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
-                for s in old[:-args.checkpoints_total_limit]:
-                    shutil.rmtree(os.path.join(ckpt_dir, f"checkpoint-{s}"), ignore_errors=True)
+            C.save_checkpoint(accelerator, ckpt_dir, step + 1, args.checkpoints_total_limit)
 
     final = evaluate("final")
     history["eval"].append({"step": args.steps, **final})

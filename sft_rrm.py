@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -117,11 +116,6 @@ def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
     return -per_seq.mean(), int(mask.sum())
 
 
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    if not os.path.isdir(ckpt_dir):
-        return None
-    steps = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-"))
-    return os.path.join(ckpt_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
 # =========================================================================================
@@ -169,7 +163,7 @@ def main(args: Args) -> dict:
     # INFRA: resume. save_state holds model, optimizer and RNG; the step is in the folder name.
     ckpt_dir, step = os.path.join(out_dir, "checkpoints"), 0
     if args.resume_from_checkpoint:
-        path = latest_checkpoint(ckpt_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+        path = C.latest_checkpoint(ckpt_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
         if path:
             accelerator.load_state(path)
             step = int(path.rstrip("/").split("-")[-1])
@@ -226,12 +220,7 @@ def main(args: Args) -> dict:
             logs.update({f"eval/{k}": v for k, v in evaluate(f"step {step + 1}").items()})
         accelerator.log(logs, step=step + 1)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            accelerator.wait_for_everyone()
-            accelerator.save_state(os.path.join(ckpt_dir, f"checkpoint-{step + 1}"))
-            if accelerator.is_main_process:  # rotation
-                old = sorted((int(d.split("-")[1]) for d in os.listdir(ckpt_dir) if d.startswith("checkpoint-")))
-                for s in old[:-args.checkpoints_total_limit]:
-                    shutil.rmtree(os.path.join(ckpt_dir, f"checkpoint-{s}"), ignore_errors=True)
+            C.save_checkpoint(accelerator, ckpt_dir, step + 1, args.checkpoints_total_limit)
 
     # 4. final evaluation and save (merged weights, loadable by the Auto classes)
     final = evaluate("final")
