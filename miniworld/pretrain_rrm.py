@@ -16,7 +16,7 @@ Image pairs: a world source and a candidate edit of it from the simulated editor
 category, every error type, noise independent of correctness), the exact target, or the
 source itself (a no-op, "changed: nothing").
 
-Run (2-core CPU; the default budget is 30 minutes on one thread):
+Run (2-core CPU; the default budget is 40 minutes on one thread):
     python -m miniworld.pretrain_rrm --out_dir miniworld/checkpoints/rrm_base
     python -m miniworld.pretrain_rrm --minutes 1 --out_dir /tmp/rrm_quick      # smoke run
 It builds the random base with miniworld.bases (tokenizer trained on the world's texts and
@@ -45,7 +45,8 @@ PROMPT = "Describe both images and what changed."
 @dataclass
 class Args:
     out_dir: str = field(default="miniworld/checkpoints/rrm_base", metadata={"help": "where the pretrained base is saved"})
-    minutes: float = field(default=30.0, metadata={"help": "training time budget (wall clock)"})
+    minutes: float = field(default=40.0, metadata={"help": "training time budget (wall clock)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps too (0 = time budget only)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (cosine to 10%)"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
@@ -156,7 +157,7 @@ def main(args: Args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     budget, step, losses = args.minutes * 60, 0, []
     start = time.time()
-    while time.time() - start < budget:
+    while time.time() - start < budget and (not args.max_steps or step < args.max_steps):
         # learning rate: linear warm-up, then cosine to 10% over the *time* budget
         frac = min((time.time() - start) / budget, 1.0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))

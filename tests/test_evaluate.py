@@ -152,7 +152,7 @@ def world_run(tiny_run, tmp_path_factory):
     import miniworld
     from miniworld import bases
     from torch.utils.tensorboard import SummaryWriter
-    import flow_grpo as F
+    from peft.utils import get_peft_model_state_dict
     from peft import LoraConfig
     root = tmp_path_factory.mktemp("eval")
     run = root / "run"
@@ -160,12 +160,14 @@ def world_run(tiny_run, tmp_path_factory):
     os.symlink(os.path.join(tiny_run["run"], "data"), run / "data")
     kontext = str(bases.build_kontext(root / "kontext", miniworld.text_corpus(20), 96))
     pipe = C.load_edit_pipeline(kontext)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=F.LORA_TARGETS))
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():                                                       # B != 0: the LoRA changes the edits
         for n, p in pipe.transformer.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-    F.save_lora(type(pipe), pipe.transformer, str(run / "flow_grpo_gcpo"))     # flow_grpo.py's own format
+    type(pipe).save_lora_weights(str(run / "flow_grpo_gcpo"),                     # the diffusers LoRA format
+                                 transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
     json.dump({"args": {"policy": kontext, "reward_model": "runs/mini/gcpo_rrm"}}, open(run / "flow_grpo_gcpo" / "summary.json", "w"))
     w = SummaryWriter(str(run / "sft_rrm" / "sft_rrm"))
     for step in range(1, 6):

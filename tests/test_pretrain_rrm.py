@@ -14,11 +14,11 @@ from stage_fixtures import run_script
 @pytest.mark.slow
 def test_pretraining_command_learns_and_saves_a_loadable_base(tmp_path):
     out = tmp_path / "rrm_base"
-    run_script(["-m", "miniworld.pretrain_rrm", "--minutes", "0.75", "--out_dir", str(out),
-                "--eval_pairs", "8", "--batch_size", "16"])
+    run_script(["-m", "miniworld.pretrain_rrm", "--minutes", "10", "--max_steps", "60", "--out_dir", str(out),
+                "--eval_pairs", "8", "--batch_size", "16", "--warmup_steps", "10"])
     summary = json.load(open(out / "pretrain_summary.json"))
-    assert summary["steps"] >= 10
-    assert summary["final_loss"] < 4.0, summary["final_loss"]
+    assert summary["steps"] == 60
+    assert summary["final_loss"] < 5.0, summary["final_loss"]   # random: ~ln(1100) = 7
     assert set(summary["held_out"]) >= {"object_accuracy", "change_accuracy", "exact_match"}
     model, processor = C.load_rrm(str(out))
     assert model.config.model_type == "qwen2_5_vl"
