@@ -1,0 +1,239 @@
+"""flow_grpo.py: the SDE math against torch.distributions, the sampler against the diffusers
+pipelines, the first ratio, the KL, LoRA save/load, and whole runs (Kontext and Qwen-Image-Edit,
+1 vs 2 processes, resume). Tiny random pipelines; the mini world's simulated verifier
+(mini:lenient, seeded per edit) gives a reward with signal, the random RRM base one without."""
+import contextlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import common as C
+import flow_grpo as F
+from stage_fixtures import run_script
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_run, tmp_path_factory):
+    import miniworld
+    from miniworld import bases as B
+    root = tmp_path_factory.mktemp("fg_bases")
+    corpus = miniworld.text_corpus(40)
+    return {"kontext": str(B.build_kontext(root / "kontext", corpus, 96)),
+            "qwen": str(B.build_qwen_edit(root / "qwen", corpus, 96)), **tiny_run}
+
+
+def load(path):
+    pipe = C.load_edit_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def contexts(run, n=2):
+    rows = [r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl")) if r["split"] == "train"][:n]
+    return rows, [C.load_image(r["source"]) for r in rows], [r["instruction"] for r in rows]
+
+
+def targs(**kw):
+    return F.Args(**{"num_steps": 3, "true_cfg_scale": 2.0, **kw})
+
+
+# ------------------------------------------------------------------------ pure math
+def test_sampled_transition_logprob_equals_torch_normal():
+    torch.manual_seed(0)
+    x, v = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.0])
+    std_t = F.noise_stds(sigmas, [0, 1, 2], 0.7)
+    # std_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the denominator uses sigmas[1] = 0.8
+    assert torch.allclose(std_t, torch.tensor([0.7 * (1 / 0.2) ** 0.5, 0.7 * 4 ** 0.5, 0.7]))
+    mean, s = F.sde_step(x, v, sigmas[1], sigmas[2], std_t[1])
+    by_hand = x + (-0.3) * (v + 1.4 ** 2 / 1.6 * (x + 0.2 * v))
+    assert torch.allclose(mean, by_hand, atol=1e-6) and abs(float(s) - 1.4 * 0.3 ** 0.5) < 1e-6
+    x_next = mean + s * torch.randn_like(mean)
+    ref = Normal(mean, s).log_prob(x_next)                                   # (3, 5, 4)
+    assert torch.allclose(F.gaussian_logprob(x_next, mean, s, "mean"), ref.flatten(1).mean(1), atol=1e-5)
+    assert torch.allclose(F.gaussian_logprob(x_next, mean, s, "sum"), ref.flatten(1).sum(1), atol=1e-4)
+    # noise 0: exactly the pipeline's Euler step
+    m0, s0 = F.sde_step(x, v, sigmas[1], sigmas[2], torch.tensor(0.0))
+    assert torch.equal(m0, x + (sigmas[2] - sigmas[1]) * v) and s0 == 0
+
+
+def test_exact_kl_closed_form_includes_dt():
+    torch.manual_seed(1)
+    m1, m2 = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    std_t, dt = 0.9, 0.1
+    s = torch.tensor(std_t * dt ** 0.5)                                       # the transition's std
+    ref = kl_divergence(Normal(m1, s), Normal(m2, s)).flatten(1)
+    assert torch.allclose(F.gaussian_kl(m1, m2, s, "sum"), ref.sum(1), rtol=1e-5)
+    assert torch.allclose(F.gaussian_kl(m1, m2, s, "mean"), ref.mean(1), rtol=1e-5)
+    # the public implementation's ||dmu||^2 / (2 std_t^2) is dt times too small
+    assert torch.allclose(F.gaussian_kl(m1, m2, s), ((m1 - m2) ** 2).flatten(1).mean(1) / (2 * std_t ** 2) / dt)
+    assert torch.all(F.gaussian_kl(m1, m1, s) == 0)
+
+
+def test_group_advantages_skip_zero_variance_and_exclude():
+    args = F.Args(adv_clip=5.0)
+    r = np.array([1.0, 3.0, 5.0, 5.0, 2.0, 0.0])
+    adv, live = F.group_advantages(r, np.ones(6, bool), 2, args)
+    assert live.tolist() == [True, False, True]
+    assert np.allclose(adv, [-1, 1, 0, 0, 1, -1], atol=1e-3)
+    valid = np.array([True, True, False, True, True, True])
+    args.unparseable = "exclude"
+    adv, live = F.group_advantages(np.array([1.0, 3.0, 0.0, 7.0, 7.0, 7.0]), valid, 3, args)
+    assert adv[2] == 0 and np.allclose(adv[:3], [-1, 1, 0], atol=1e-3) and live.tolist() == [True, False]
+    args.unparseable = "zero"  # the unparseable one counts as 0, the lowest reward
+    adv, _ = F.group_advantages(np.array([1.0, 3.0, 0.0]), valid[:3], 3, args)
+    assert adv[2] < adv[0] < adv[1]
+
+
+# ------------------------------------------------------------------------ sampler vs pipelines
+@pytest.mark.parametrize("kind", ["kontext", "qwen"])
+def test_noise_zero_reproduces_the_pipeline(bases, kind):
+    pipe, args = load(bases[kind]), targs()
+    rows, srcs, instrs = contexts(bases["run"])
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched, seeds = F.schedule(pipe, 3, 36), [11, 12]
+    ours, _ = F.denoise(pipe.transformer, pipe, ctx, torch.arange(2), seeds, sched, [], 0.0, args, contextlib.nullcontext)
+    x1 = torch.stack([torch.randn((1, 36, 64), generator=torch.Generator().manual_seed(s))[0] for s in seeds])
+    common = dict(image=srcs, height=96, width=96, num_inference_steps=3, latents=x1.clone())
+    if kind == "kontext":
+        call = lambda **kw: pipe(prompt=instrs, max_area=96 * 96, _auto_resize=False, guidance_scale=2.5,
+                                 max_sequence_length=24, **common, **kw).images
+    else:
+        def call(**kw):
+            with C.qwen_edit_at_area(96 * 96):
+                pe, m = C.qwen_edit_prompt_embeds(pipe, instrs, srcs)
+                npe, nm = C.qwen_edit_prompt_embeds(pipe, [" "] * 2, srcs)
+                return pipe(prompt_embeds=pe, prompt_embeds_mask=m, negative_prompt_embeds=npe,
+                            negative_prompt_embeds_mask=nm, true_cfg_scale=2.0, **common, **kw).images
+    theirs = call(output_type="latent")
+    assert (ours - theirs).abs().max() < 1e-5
+    a = np.stack([np.asarray(i, np.int16) for i in F.decode(pipe, ours, 96)])
+    b = np.stack([np.asarray(i, np.int16) for i in call()])
+    assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["kontext", "qwen"])
+def test_first_ratio_is_one_with_a_different_batch_layout(bases, kind):
+    pipe, args = load(bases[kind]), targs()
+    rows, srcs, instrs = contexts(bases["run"])
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched, trained = F.schedule(pipe, 3, 36), [0, 1]
+    idx = torch.tensor([0, 0, 1, 1])                                           # G = 2 per context
+    _, traj = F.denoise(pipe.transformer, pipe, ctx, idx, [1, 2, 3, 4], sched, trained, 0.7, args,
+                        contextlib.nullcontext)                                 # sampling: 4 samples per step
+    std_k = F.noise_stds(sched[0], trained, 0.7)
+    pairs = [(i, j) for i in range(4) for j in range(2)]
+    pairs = [pairs[p] for p in np.random.default_rng(0).permutation(len(pairs))]
+    for chunk in (pairs[:3], pairs[3:]):                                       # training: 3 + 5 mixed steps
+        si, sj = torch.tensor([i for i, _ in chunk]), torch.tensor([j for _, j in chunk])
+        with torch.no_grad():
+            mean, s = F.transition_mean(pipe.transformer, pipe, ctx, idx[si], traj["x"][si, sj],
+                                        torch.tensor([trained[j] for j in sj.tolist()]), sched, std_k[sj], args)
+        logp = F.gaussian_logprob(traj["x_next"][si, sj], mean, s, "mean")
+        _, ratio = F.clipped_objective(logp, traj["logp"][si, sj], torch.ones(len(chunk)), 1e-4)
+        assert (ratio - 1).abs().max() < 1e-5
+        sum_lp = F.gaussian_logprob(traj["x_next"][si, sj], mean, s, "sum")
+        assert torch.allclose(sum_lp, logp * 36 * 64, rtol=1e-5)
+
+
+def add_lora(pipe, r=4, alpha=8, seed=0):
+    from peft import LoraConfig
+    pipe.transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian",
+                                            target_modules=F.LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pipe.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_kl_zero_at_init_and_closed_form_after_a_change(bases):
+    pipe, args = load(bases["kontext"]), targs()
+    rows, srcs, instrs = contexts(bases["run"])
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched, tr = F.schedule(pipe, 3, 36), pipe.transformer
+    x, step_idx, std_t = torch.randn(2, 36, 64), torch.tensor([0, 1]), F.noise_stds(sched[0], [0, 1], 0.7)
+    mean_base, s = F.transition_mean(tr, pipe, ctx, torch.arange(2), x, step_idx, sched, std_t, args)
+    add_lora(pipe, seed=1)
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_B" in n:
+                p.zero_()                                                       # the policy at init
+    mean, _ = F.transition_mean(tr, pipe, ctx, torch.arange(2), x, step_idx, sched, std_t, args)
+    with F.reference_policy(tr):
+        mean_ref, _ = F.transition_mean(tr, pipe, ctx, torch.arange(2), x, step_idx, sched, std_t, args)
+    assert torch.equal(mean_ref, mean_base) and F.gaussian_kl(mean, mean_ref, s).abs().max() == 0
+    add_lora_b = [p for n, p in tr.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in add_lora_b:
+            p.normal_(0, 0.05)
+    mean, _ = F.transition_mean(tr, pipe, ctx, torch.arange(2), x, step_idx, sched, std_t, args)
+    with F.reference_policy(tr):
+        mean_ref, _ = F.transition_mean(tr, pipe, ctx, torch.arange(2), x, step_idx, sched, std_t, args)
+    assert all(p.requires_grad for p in add_lora_b)                            # re-enabled after the reference
+    kl = F.gaussian_kl(mean, mean_ref, s, "sum")
+    ref = kl_divergence(Normal(mean, s), Normal(mean_ref, s)).flatten(1).sum(1)
+    assert kl.min() > 0 and torch.allclose(kl, ref, rtol=1e-4)
+
+
+def test_lora_save_load_into_the_pipeline_reproduces_outputs(bases, tmp_path):
+    pipe, args = load(bases["kontext"]), targs()
+    rows, srcs, instrs = contexts(bases["run"])
+    add_lora(pipe, r=4, alpha=12)                                              # alpha != r: the metadata matters
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched = F.schedule(pipe, 3, 36)
+    ours, _ = F.denoise(pipe.transformer, pipe, ctx, torch.arange(2), [5, 6], sched, [], 0.0, args, contextlib.nullcontext)
+    F.save_lora(type(pipe), pipe.transformer, str(tmp_path))
+    fresh = load(bases["kontext"])
+    fresh.load_lora_weights(str(tmp_path))
+    x1 = torch.stack([torch.randn((1, 36, 64), generator=torch.Generator().manual_seed(s))[0] for s in (5, 6)])
+    theirs = fresh(image=srcs, prompt=instrs, max_area=96 * 96, _auto_resize=False, guidance_scale=2.5,
+                   max_sequence_length=24, height=96, width=96, num_inference_steps=3, latents=x1,
+                   output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-5
+    base = load(bases["kontext"])                                              # and the LoRA did change it
+    ctx0 = F.encode_contexts(base, srcs, instrs, args, "cpu")
+    plain, _ = F.denoise(base.transformer, base, ctx0, torch.arange(2), [5, 6], sched, [], 0.0, args, contextlib.nullcontext)
+    assert (plain - ours).abs().max() > 1e-3
+    # resume's loader puts the same weights back into a fresh adapter
+    again = load(bases["kontext"])
+    add_lora(again, r=4, alpha=12, seed=9)
+    F.load_lora(type(again), again.transformer, str(tmp_path))
+    sd1, sd2 = pipe.transformer.state_dict(), again.transformer.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if "lora" in k)
+
+
+# ------------------------------------------------------------------------ whole runs
+def run_args(bases, out, **kw):
+    a = ["--policy", bases["kontext"], "--run_dir", bases["run"], "--output_name", out, "--reward_backend",
+         "mini:lenient", "--steps", "2", "--contexts_per_step", "2", "--group_size", "2", "--num_steps", "3",
+         "--eval_contexts", "1", "--eval_seeds", "2", "--report_to", "none", "--lr", "1e-2", "--micro_batch", "3"]
+    for k, v in kw.items():
+        a += [f"--{k}", str(v)]
+    return a
+
+
+def lora_of(bases, out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(bases["run"], out, "pytorch_lora_weights.safetensors"))
+
+
+def in_process(argv):
+    from transformers import HfArgumentParser
+    return F.main(HfArgumentParser(F.Args).parse_args_into_dataclasses(argv)[0])
+
+
+def test_qwen_edit_run_with_the_in_process_rrm(bases):
+    # the random RRM's answers do not parse: rewards are counted as unparseable, groups skipped
+    out = in_process(run_args(bases, "fg_qwen", policy=bases["qwen"], reward_backend="inprocess",
+                              reward_model=bases["base"], rrm_max_new_tokens=8, steps=1, beta=0.0))
+    t = out["history"]["train"][0]
+    assert t["train/unparseable"] == 1.0 and t["train/zero_var_groups"] == 1.0
+    assert "gt_utility" in out["final"]
+    assert os.path.exists(os.path.join(bases["run"], "fg_qwen", "pytorch_lora_weights.safetensors"))
