@@ -33,8 +33,9 @@ Equations (sigma = the scheduler's noise level, 1 = noise, 0 = data; dt = sigma'
 
 Choices the paper leaves open (flags): SDE noise only on the trained steps (the others are
 plain ODE steps, as in Flow-GRPO-Fast: noise there adds variance no update can credit, and
-noise on the last step would leave grain in the image); an unparseable RRM answer gets reward
-0 (--unparseable zero, counted) or no part in its group (exclude); a group with zero reward
+noise on the last step would leave grain in the image); an unparseable RRM answer is the
+judge's failure, not the edit's, so by default it takes no part in its group (--unparseable
+exclude; counted; `zero` scores it 0 instead, the lowest reward); a group with zero reward
 variance is counted and skipped (it carries no signal; the loss is averaged over the live
 samples); sampling noise is drawn per sample from a seed of (seed, step, sample index), so the
 edits do not depend on the number of processes, and a resumed run continues the same
@@ -52,6 +53,9 @@ Run
   accelerate launch --num_processes 8 flow_grpo.py ...same flags... --contexts_per_step 16 \\
       --reward_backend openai:rrm@http://rrm-host:8000/v1       # 8 GPUs, RRM served by vLLM elsewhere
   Qwen-Image-Edit: --policy Qwen/Qwen-Image-Edit --true_cfg_scale 4.0 (two passes per step).
+
+On a CPU shared with other jobs, set OMP_NUM_THREADS=1: with two OpenMP threads per process
+on two busy cores the same step ran 10-20x slower here.
 
 Legend: N = samples in a step (contexts_per_step x G), n = samples on this process,
 S = denoising steps, K = trained steps, L = latent tokens ((res/16)^2), C = 64 packed
@@ -88,15 +92,15 @@ class Args:
     reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs) or mini:<member> (the mini world's simulated verifier, an ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's) or weighted (common.aggregate_score over the 0/1 points)"})
-    rrm_max_new_tokens: int = field(default=160, metadata={"help": "RRM answer length (greedy decoding)"})
+    rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
     rrm_batch_size: int = field(default=32, metadata={"help": "edits per RRM generate call"})
-    unparseable: str = field(default="zero", metadata={"help": "an unparseable RRM answer: zero (reward 0, counted) or exclude (no part in its group's statistics, advantage 0)"})
+    unparseable: str = field(default="exclude", metadata={"help": "an unparseable RRM answer (counted either way): exclude (no part in its group's statistics, advantage 0: the judge failed, not the edit) or zero (reward 0, pushes the editor towards edits the RRM can parse)"})
     world: str = field(default="mini", metadata={"help": "mini: also log the mini world's exact ground truth of every edit; none: real data"})
     resolution: int = field(default=96, metadata={"help": "edit side in px (sources are resized to it; multiple of 16)"})
     # --- sampling (Flow-GRPO's SDE)
     num_steps: int = field(default=10, metadata={"help": "S: denoising steps of rollouts and evaluation"})
     noise_level: float = field(default=0.7, metadata={"help": "a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)"})
-    train_steps: str = field(default="0:-1", metadata={"help": "python slice of the S steps that are SDE and trained (default all but the last; e.g. 0:4 for a window)"})
+    train_steps: str = field(default="0:-1", metadata={"help": "python slice of the S steps that are SDE and trained (default all but the last, as Flow-GRPO; e.g. 0:3 for a window)"})
     guidance_scale: float = field(default=2.5, metadata={"help": "Kontext: guidance embedding value (one pass)"})
     true_cfg_scale: float = field(default=4.0, metadata={"help": "Qwen-Image-Edit: true classifier-free guidance scale (two passes; 1 = off)"})
     max_sequence_length: int = field(default=24, metadata={"help": "Kontext T5 tokens (mini instructions <= 19; real: 512)"})
@@ -109,7 +113,7 @@ class Args:
     clip_range: float = field(default=1e-4, metadata={"help": "ratio clip epsilon (Flow-GRPO ~1e-4 with per-dimension mean log-probs)"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient (paper 0.04; 0 skips the reference pass)"})
     logprob_reduce: str = field(default="mean", metadata={"help": "log-prob and KL over latent dims: mean (Flow-GRPO) or sum (exact density)"})
-    minibatches: int = field(default=2, metadata={"help": "optimizer steps per rollout batch and inner epoch (>1: later ones are off-policy and use the clip)"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per rollout batch and inner epoch (1 = on-policy, the ratio is exactly 1 and the clip inert; >1: later ones are off-policy and clipped)"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
     micro_batch: int = field(default=64, metadata={"help": "transitions (sample, step) per forward/backward; gradients accumulate over them"})
     lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the LoRA (constant after warm-up)"})
@@ -117,7 +121,7 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on attention + MLP (Flow-GRPO FLUX: 64)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    steps: int = field(default=20, metadata={"help": "rollout/update steps"})
+    steps: int = field(default=40, metadata={"help": "rollout/update steps"})
     bf16: bool = field(default=False, metadata={"help": "bf16 weights + mixed precision (GPU); SDE math stays float32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
     # --- evaluation, logging, checkpoints

@@ -8,32 +8,39 @@ It is the mini world's stand-in for pretraining, not part of the paper's method.
 
   1. VAEs: train each pipeline's VAE (AutoencoderKL for Kontext, AutoencoderKLQwenImage for
      Qwen-Image-Edit) to autoencode renders of random scenes (every background, 1-4 objects,
-     some noisy), then measure the latents' mean / std and store them in the VAE config
-     (shift_factor / scaling_factor, latents_mean / latents_std), as the hub VAEs carry them.
+     5% with the world's pixel noise) on 48 px crops, then measure the latents' mean / std
+     and store them in the VAE config (shift_factor / scaling_factor, latents_mean /
+     latents_std), as the hub VAEs carry them. Checked on whole held-out renders:
+     perceive(decoded) == perceive(original), and is the decoded image read as noisy?
   2. Transformers: plain rectified-flow matching on (source, instruction, target) triples of
      the world's TRAIN split, text encoders and VAE frozen:
          x_t = (1 - s) x_0 + s eps,   loss = || v_theta(x_t, s, source, text) - (eps - x_0) ||^2
      with x_0 the target latents, built with the pipelines' own helpers and conventions, so
      that the *unmodified* FluxKontextPipeline / QwenImageEditPipeline __call__ draws the
-     trained edits. A one-step check (s = 1: the pipeline returns eps - v) proves it before
-     training starts.
-  3. Evaluation on held-out (test-split) contexts with the world's ground truth: per
-     category the pass rates of Follow / Keep / Quality principles, the exact-edit rate and
-     mean utility, for both editors, a no-op (the source returned unchanged) and the exact
-     target render. Writes summary.json and grid.png.
+     trained edits. Before training, two Euler steps of the stock __call__ are replayed with
+     our velocity() on the same noise: they must agree (they do, to 0.0).
+  3. Evaluation of the saved, reloaded pipelines on held-out (test-split) contexts with the
+     world's ground truth: per category the pass rates of Follow / Keep / Quality principles,
+     the exact-edit and no-op rates and mean utility, for both editors, a no-op (the source
+     returned unchanged) and the exact target render. Writes editors_summary.json and
+     editors_grid.png next to the pipelines.
 
 Not done here: GRPO, LoRA, EMA, any reward. Text encoders stay frozen (random but
 deterministic, their embeddings still tell instructions apart), as in real fine-tuning.
+One deliberate change to the random bases: the Kontext VAE is rebuilt with 2 GroupNorm
+groups instead of 8 (--kontext_vae_norm_groups; see there).
 
 Dimensions: B = batch, L = 36 latent tokens of a 96 px image (12 x 12 latents, 2 x 2 packed),
 C = 64 packed channels (16 latent channels x 2 x 2), T = text tokens, D = text width.
 
-Run (one CPU thread; defaults ~30 minutes; the outputs are what miniworld/checkpoints holds):
+Run (one CPU thread; the defaults take ~30 minutes and wrote miniworld/checkpoints):
     python -m miniworld.pretrain_editors --out_dir miniworld/checkpoints
     python -m miniworld.pretrain_editors --quick --out_dir /tmp/editors_quick   # ~1 minute
-On a GPU the same file runs unchanged (it is small enough not to need accelerate).
+    python -m miniworld.pretrain_editors --minutes_vae 10 --minutes_editor 20   # better editors
+The loops are timed, so a busy CPU gets fewer steps, not a longer run. On a GPU the same file
+runs unchanged (it is small enough not to need accelerate).
 
-Then, anywhere:
+Use the results anywhere:
     pipe = FluxKontextPipeline.from_pretrained("miniworld/checkpoints/kontext")
     pipe(image=src, prompt=instruction, height=96, width=96, max_area=96 * 96, _auto_resize=False,
          guidance_scale=2.5, max_sequence_length=24, num_inference_steps=10)
@@ -52,8 +59,15 @@ Library traps (diffusers 0.42.1, transformers 5.24; see notes/LIBRARY-FACTS.md):
     (z - latents_mean) / latents_std per channel. We call the pipelines' own
     `_encode_vae_image` / `_pack_latents` / `_prepare_latent_image_ids`, so training sees
     exactly the tensors __call__ builds.
-  * AutoencoderKLQwenImage wants 5-D (B, C, T, H, W) input (an image is a 1-frame video) and
-    clamps its decoded output to [-1, 1].
+  * Qwen-Image's scheduler (shift_terminal=0.02) returns NaN sigmas for num_inference_steps=1
+    (`stretch_shift_to_terminal` divides 0 by 0): use >= 2 steps.
+  * AutoencoderKLQwenImage wants 5-D (B, C, T, H, W) input (an image is a 1-frame video),
+    clamps its decoded output to [-1, 1] (a saturated decoder gets no gradient: it collapsed
+    to a flat grey at lr 2e-3), and pads each causal conv with 2 zero frames (3x the work on
+    images; `single_frame_convs` below).
+  * AutoencoderKL's GroupNorm statistics are per image, so a VAE trained on crops can fail on
+    whole images (with the base's 8 groups it did: crop MSE 0.05, whole-image MSE 0.23);
+    check on whole images, as check_vae does.
   * `FluxKontextPipeline.encode_prompt` runs the text encoders with gradients on: call it
     under torch.no_grad() (else the second backward fails, "Trying to backward through the
     graph a second time").
@@ -95,22 +109,26 @@ class Args:
     # --- output and budget
     out_dir: str = field(default="miniworld/checkpoints", metadata={
         "help": "writes kontext/, qwen_edit/ (pipelines), editors_summary.json and editors_grid.png"})
-    minutes_vae: float = field(default=3.0, metadata={"help": "training time per VAE (wall clock)"})
-    minutes_editor: float = field(default=10.0, metadata={"help": "training time per transformer (wall clock)"})
+    minutes_vae: float = field(default=5.0, metadata={"help": "training time per VAE (wall clock)"})
+    minutes_editor: float = field(default=8.0, metadata={"help": "training time per transformer (wall clock)"})
     quick: bool = field(default=False, metadata={
         "help": "smoke run (~1 minute): a few seconds per phase, small data and evaluation"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "seeds the bases, data, noise and evaluation"})
     # --- 1. VAEs
     vae_batch_size: int = field(default=8, metadata={"help": "images per VAE step"})
-    vae_lr: float = field(default=2e-3, metadata={"help": "VAE AdamW peak learning rate (cosine to 10%)"})
-    vae_kl_weight: float = field(default=1e-4, metadata={
-        "help": "weight of the KL term (per latent element) against the per-pixel MSE"})
-    vae_noisy_fraction: float = field(default=0.15, metadata={
-        "help": "share of training renders with the world's Gaussian pixel noise"})
     vae_crop: int = field(default=48, metadata={
         "help": "train on random crops of this side (multiples of 8 px; 96 = whole images): the VAEs are "
-                "convolutional, and a 48 px crop costs a quarter of a whole image"})
+                "convolutional, and a 48 px crop costs a quarter of a whole image (checked on whole images)"})
+    kontext_vae_lr: float = field(default=3e-3, metadata={"help": "AutoencoderKL AdamW peak learning rate"})
+    qwen_vae_lr: float = field(default=1.5e-3, metadata={
+        "help": "AutoencoderKLQwenImage AdamW peak learning rate; at 2e-3 it sometimes collapses (its decoder "
+                "clamps to [-1, 1], and a saturated output gets no gradient)"})
+    vae_warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps of the VAE learning rate"})
+    vae_kl_weight: float = field(default=1e-4, metadata={
+        "help": "weight of the KL term (per latent element) against the per-pixel MSE"})
+    vae_noisy_fraction: float = field(default=0.05, metadata={
+        "help": "share of training renders with the world's Gaussian pixel noise"})
     kontext_vae_norm_groups: int = field(default=2, metadata={
         "help": "GroupNorm groups of the Kontext VAE (0 = keep the base's 8). With 8 channels at full "
                 "resolution, 8 groups is a per-channel instance norm that erases absolute colour; 2 groups "
@@ -120,8 +138,8 @@ class Args:
     train_contexts: int = field(default=4000, metadata={
         "help": "train-split (source, instruction, target) triples, encoded once and reused"})
     batch_size: int = field(default=32, metadata={"help": "triples per transformer step"})
-    lr: float = field(default=1e-3, metadata={"help": "transformer AdamW peak learning rate (cosine to 10%)"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps (VAE and transformer)"})
+    lr: float = field(default=3e-3, metadata={"help": "transformer AdamW peak learning rate (cosine to 10%)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps of the transformer"})
     logit_mean: float = field(default=0.0, metadata={
         "help": "timestep sampling: u = sigmoid(N(logit_mean, logit_std)), then the pipeline's shift"})
     logit_std: float = field(default=1.0, metadata={"help": "see logit_mean"})
@@ -229,18 +247,18 @@ def rebuild_vae_norm(pipe, groups: int, seed: int) -> None:
     pipe.vae = type(pipe.vae).from_config(config)
 
 
-def train_vae(pipe, args: Args, minutes: float, rng) -> dict:
+def train_vae(pipe, args: Args, minutes: float, lr: float, rng) -> dict:
     """Autoencode world renders: per-pixel MSE + vae_kl_weight * KL(q(z|x) || N(0, 1)).
 
     The decoder learns from *sampled* latents (the reparameterisation trick), which makes it
     tolerant of the imperfect latents a diffusion transformer draws."""
     vae = pipe.vae
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     budget, start, step, hist = minutes * 60, time.time(), 0, []
     while time.time() - start < budget:
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(args.vae_lr, step, args.warmup_steps, (time.time() - start) / budget)
+            g["lr"] = cosine_lr(lr, step, args.vae_warmup_steps, (time.time() - start) / budget)
         x = to_pixels(pipe, vae_images(rng, args.vae_batch_size, args.vae_noisy_fraction))
         x = random_crops(x, args.vae_crop, rng)                 # (B, 3, [1,] c, c)
         post = vae.encode(x).latent_dist
@@ -511,26 +529,28 @@ def run_editor(pipe, args: Args, contexts: list, chunk: int = 40) -> list[Image.
 def score(contexts: list, edits: list) -> dict:
     """Per category and overall: pass rates of Follow / Keep / Quality principles (share of
     principles of that kind judged 1 by world.ground_truth), exact (perceive(edit) == the
-    target scene), noop (perceive(edit) == the source scene) and mean world.utility."""
+    target scene), noop (perceive(edit) == the source scene), mean world.noise_level (the
+    Quality principle fails above world.DEFAULT.noise_threshold) and mean world.utility."""
     rows = {}
     for ctx, img in zip(contexts, edits):
         src, ins, ps = ctx["source_image"], ctx["instruction"], ctx["principles"]
         gt = world.ground_truth(src, ins, ps, img)
         seen = world.perceive(img)
         r = rows.setdefault(ctx["category"], {"follow": [], "keep": [], "quality": [], "exact": [], "noop": [],
-                                              "utility": []})
+                                              "noise_level": [], "utility": []})
         for v, p in zip(gt, ps):
             r[p["category"]].append(v)
         r["exact"].append(seen == ctx["target"])
         r["noop"].append(seen == ctx["source"])
+        r["noise_level"].append(world.noise_level(img))
         r["utility"].append(world.utility(src, ins, ps, img))
     rows["all"] = {k: sum((rows[c][k] for c in list(rows)), []) for k in next(iter(rows.values()))}
     return {cat: {k: round(float(np.mean(v)), 3) for k, v in r.items()} for cat, r in rows.items()}
 
 
 def print_table(results: dict) -> None:
-    cols = ("follow", "keep", "quality", "exact", "utility")
-    log(f"{'category':18s} {'editor':10s} " + " ".join(f"{c:>7s}" for c in cols))
+    cols = ("follow", "keep", "quality", "exact", "noop", "noise_level", "utility")
+    log(f"{'category':18s} {'editor':10s} " + " ".join(f"{c[:7]:>7s}" for c in cols))
     for cat in list(world.EDIT_CATEGORIES) + ["all"]:
         for name, res in results.items():
             log(f"{cat:18s} {name:10s} " + " ".join(f"{res[cat][c]:7.2f}" for c in cols))
@@ -601,7 +621,8 @@ def main(args: Args) -> dict:
         for name, pipe in pipes.items():
             log(f"# 1. VAE of {name}")
             t0 = time.time()
-            res = train_vae(pipe, args, args.minutes_vae, rng)
+            lr = args.kontext_vae_lr if name == "kontext" else args.qwen_vae_lr
+            res = train_vae(pipe, args, args.minutes_vae, lr, rng)
             res["latent_stats"] = set_latent_statistics(pipe, np.random.default_rng([args.seed, 1]))
             res["held_out"] = check_vae(pipe, np.random.default_rng([args.seed, 2]), args.vae_eval_images)
             summary["vae"][name] = res

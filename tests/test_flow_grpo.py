@@ -213,7 +213,8 @@ def test_lora_save_load_into_the_pipeline_reproduces_outputs(bases, tmp_path):
 def run_args(bases, out, **kw):
     a = ["--policy", bases["kontext"], "--run_dir", bases["run"], "--output_name", out, "--reward_backend",
          "mini:lenient", "--steps", "2", "--contexts_per_step", "2", "--group_size", "2", "--num_steps", "3",
-         "--eval_contexts", "1", "--eval_seeds", "2", "--report_to", "none", "--lr", "1e-2", "--micro_batch", "3"]
+         "--eval_contexts", "1", "--eval_seeds", "2", "--report_to", "none", "--lr", "1e-2", "--micro_batch", "3",
+         "--minibatches", "2"]                                                  # the 2nd optimizer step is off-policy
     for k, v in kw.items():
         a += [f"--{k}", str(v)]
     return a

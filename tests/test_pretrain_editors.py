@@ -31,7 +31,7 @@ def test_quick_run_saves_reloadable_editors_and_summary(tmp_path):
     for res in summary["eval"].values():
         assert set(res) == {"color_alter", "subject-add", "subject-remove", "subject-replace",
                             "background_change", "motion_change", "all"}
-        assert set(res["all"]) == {"follow", "keep", "quality", "exact", "noop", "utility"}
+        assert set(res["all"]) == {"follow", "keep", "quality", "exact", "noop", "noise_level", "utility"}
     assert summary["eval"]["target"]["all"]["utility"] == 10.0     # the exact target is perfect
     assert summary["eval"]["noop"]["all"]["utility"] == 0.0        # and a no-op is worth nothing
     assert (out / "editors_grid.png").is_file()
