@@ -1142,15 +1142,17 @@ def _positions(start: torch.Tensor, T: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 1.0,
-                    max_new_tokens: int = 256, min_new_tokens: int = 0):
+                    max_new_tokens: int = 256, min_new_tokens: int = 0, seeds: list[int] | None = None):
     """generate_n with prefix sharing: the vision tower and the prompt run once per prompt,
     the KV cache is copied to the n samples, then all B*n rows decode together.
 
     HF generate(num_return_sequences=n) expands the inputs first, so it re-encodes both
     images and re-reads the prompt n times. Sampling is plain temperature sampling (no
     top-k / top-p: RL needs the log-prob of the distribution actually sampled); T = 0 is
-    greedy. Returns the same dict as generate_n (texts, completion_ids, completion_mask,
-    old_logp), rows prompt-major."""
+    greedy. seeds (one int per row, B*n): each row draws its tokens from its own generator
+    (Gumbel-max), so a row's sample does not depend on which other rows share its batch --
+    what makes rollouts identical on 1 or k processes. Returns the same dict as generate_n
+    (texts, completion_ids, completion_mask, old_logp), rows prompt-major."""
     tok = processor.tokenizer
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
     B = prompts["input_ids"].shape[0]
@@ -1161,14 +1163,23 @@ def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 
     dev = logits.device
     blocked = torch.tensor(suppress_ids(_unwrap(model), processor), dtype=torch.long, device=dev)
     done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+    gens = None
+    if seeds is not None and temperature > 0:
+        assert len(seeds) == B * n, f"{len(seeds)} seeds for {B * n} rows"
+        gens = [torch.Generator(device=dev).manual_seed(int(x)) for x in seeds]
     ids, logps = [], []
     for t in range(max_new_tokens):
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B*n, V)
         logp = torch.log_softmax(scaled, -1)        # what completion_logprobs computes
         allowed = scaled.index_fill(1, blocked if t >= min_new_tokens else
                                     torch.cat([blocked, torch.tensor([eos], device=dev)]), float("-inf"))
-        nxt = (torch.multinomial(torch.softmax(allowed, -1), 1)[:, 0] if temperature > 0
-               else allowed.argmax(-1))
+        if temperature <= 0:
+            nxt = allowed.argmax(-1)
+        elif gens is None:
+            nxt = torch.multinomial(torch.softmax(allowed, -1), 1)[:, 0]
+        else:  # Gumbel-max: argmax(logits + G), G = -log(-log U), U from the row's own generator
+            u = torch.stack([torch.rand(allowed.shape[1], generator=g, device=dev) for g in gens])
+            nxt = (allowed - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         ids.append(nxt)
         logps.append(logp.gather(1, nxt[:, None])[:, 0] * (~done))

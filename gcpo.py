@@ -92,6 +92,11 @@ def step_pairs(step: int, n_pairs: int, per_step: int, seed: int) -> list[int]:
     return perm[k * per_step:(k + 1) * per_step]
 
 
+def hash_seed(*parts) -> int:
+    """A 63-bit seed from integers (stable across runs and processes, unlike hash())."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def pair_advantages(scores: list[list], n: int, policy: str):
     """ALGO (Eq. 2-3) for a batch of pairs. scores: 2P lists of N scores (winner of pair i
     at 2i, loser at 2i+1). Returns advantages (2PN,) in rollout order, rewards (2PN,),
@@ -185,9 +190,15 @@ def main(args: Args) -> dict:
         reqs, prins = C.pair_requests(local)
         msgs = [C.verify_messages(ins, p, args.variant) for (_, _, ins), p in zip(reqs, prins)]
         prompts = C.encode_prompts(processor, msgs, [[s, e] for s, e, _ in reqs])      # (2P, L)
-        sample = C.generate_shared if args.share_prefix else C.generate_n
-        gen = sample(core, processor, prompts, n=args.n, temperature=args.temperature,
-                     max_new_tokens=args.max_new_tokens)
+        if args.share_prefix:  # one seed per trajectory from (seed, step, pair, side, j):
+            first = rank * args.per_device_pairs  # the same samples on 1 or k processes
+            seeds = [hash_seed(args.seed, step, first + i // 2, i % 2, j)
+                     for i in range(len(reqs)) for j in range(args.n)]
+            gen = C.generate_shared(core, processor, prompts, n=args.n, temperature=args.temperature,
+                                    max_new_tokens=args.max_new_tokens, seeds=seeds)
+        else:
+            gen = C.generate_n(core, processor, prompts, n=args.n, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens)
         ids, mask, old_logp = gen["completion_ids"], gen["completion_mask"], gen["old_logp"]  # (S, T)
 
         # 2. score: parse every trajectory (None = unparseable, never invented)
@@ -226,8 +237,11 @@ def main(args: Args) -> dict:
                         loss = loss * len(rb) / S
                         for k in stats:
                             stats[k].append(st[k])
-                    else:  # nothing to learn on this process: a zero loss keeps DDP in step
-                        loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                    else:  # nothing to learn on this process: a real forward of one row times 0
+                        # keeps DDP in step (its gradient all-reduce needs a forward on every process)
+                        loss = C.completion_logprobs_shared(model, C.select_rows(prompts, [0]), [0], ids[:1],
+                                                            mask[:1]).sum() * 0.0 if share else \
+                            C.completion_logprobs(model, C.select_rows(full, [0]), ids[:1], mask[:1]).sum() * 0.0
                     accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
@@ -244,6 +258,8 @@ def main(args: Args) -> dict:
                      **{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}}
         logs = {f"train/{k}": float(np.mean(v)) for k, v in
                 {k: [d[k] for d in gather_object([local_log])] for k in local_log}.items()}
+        every = [s for part in gather_object([valid]) for s in part]  # a mean over all parsed scores,
+        logs["train/reward"] = float(np.mean(every)) if every else 0.0  # not a mean of process means
         logs["train/lr"], logs["train/grad_norm"] = lr, float(grad_norm)
         history["train"].append({"step": step + 1, **logs})
         accelerator.print(f"step {step + 1}/{args.steps}  reward {logs['train/reward']:.2f}  parse "

@@ -54,6 +54,16 @@ so that its reasoning, points and score agree with each other:
   Measured (1200 val edits by the three editors, T=0, compact prompt), false-"yes" rate
   when the truth is "no", lenient / eager / blind: Keep .54 / .10 / .12, Follow .05 / .38 /
   .07, Quality .04 / .05 / .89; a true "yes" is said "no" < 1% of the time (strict: ~20%).
+Reasoning (verifier): per question, what the member saw at the place the question is about,
+what the question wants there, then the verdict, so the verdict compares two phrases side
+by side:
+    "q1 top left: want green circle, see green circle, yes. q2 center: want red square,
+     see blue square, no. q3 background: want grey, see grey, yes. q4 other cells: want
+     same, see top right added, no. q5 noise: want none, see noisy, no."
+("other cells": the cells the edit had to leave alone whose occupancy changed). With DESCRIBE_IMAGES = True the
+reasoning first describes both images in full ("source: ... edited: ..."); the default
+leaves that out: it doubles the answer's length, and with it the same 250 SFT steps gave
+held-out pairwise accuracy 0.16 instead of 0.28 (80 val pairs, one seed).
 Why these biases: (a) a pool trajectory picked without verification inherits them;
 (b) the inspector's gold labels remove most point errors when the best-verified trajectory
 is selected; (c) even the selected trajectories' final scores (means of points) charge a
@@ -83,7 +93,7 @@ from common import (CATEGORY_DISPLAY, DECOMPOSE_SYSTEM, INSPECT_SYSTEM, PQ_SYSTE
                     format_principles, format_rrm_output, inspector_messages,
                     normalize_category, verify_messages)
 from miniworld.world import (BACKGROUNDS, COLORS, DEFAULT, DIRECTIONS, SHAPES, Obj,
-                             WorldConfig, add_noise, apply_edit, cell_from_name, check_principles,
+                             WorldConfig, add_noise, apply_edit, cell_from_name, cell_names, check_principles,
                              describe, free_cells, ground_truth, involved_cells, is_noisy, make_scene,
                              noise_level, object_at, parse_instruction, parse_question,
                              perceive, pick, principles_for, render, sample_contexts, utility)
@@ -264,14 +274,42 @@ def member_view(member, source, edited, noisy, spec, temperature, rng, config=DE
             noisy and rng.random() >= prof["noise_blind"])
 
 
-def _key(question, config):
-    """A few words naming a question in the reasoning ("circle top left green")."""
+DESCRIBE_IMAGES = False  # True: the reasoning first describes both images in full (see the docstring)
+
+
+def _observe(question, src, ed, noisy, spec, config):
+    """One question's reasoning from the member's own view (src, ed, noisy): the place the
+    question is about, what the question wants there, and what the member sees there --
+    "right: want red circle, see blue circle" -- so that the verdict after it is a plain
+    comparison of two phrases side by side (Follow / Keep: the cell's content in the edited
+    image; the background; the cells the edit had to leave alone; the noise)."""
     kind, f = parse_question(question, config)
-    return {"recolored": "{shape} {pos} {color}", "has": "{color} {shape} at {pos}",
-            "moved": "{color} {shape} at {pos}", "empty": "{pos} empty", "bg_now": "background {bg}",
-            "kept": "{color} {shape} at {pos} same", "bg_kept": "background same",
-            "no_others": "nothing else added or removed", "clean": "no noise",
-            None: "unknown question"}[kind].format(**f)
+    names = cell_names(config.grid)
+
+    def at(scene, pos):
+        o = object_at(scene, cell_from_name(pos, config.grid))
+        return f"{o.color} {o.shape}" if o else "empty"
+    if kind == "recolored":
+        place, want, see = f["pos"], f"{f['color']} {f['shape']}", at(ed, f["pos"])
+    elif kind in ("has", "moved", "kept"):
+        place, want, see = f["pos"], f"{f['color']} {f['shape']}", at(ed, f["pos"])
+    elif kind == "empty":
+        place, want, see = f["pos"], "empty", at(ed, f["pos"])
+    elif kind == "bg_now":
+        place, want, see = "background", f["bg"], ed.background
+    elif kind == "bg_kept":
+        place, want, see = "background", src.background, ed.background
+    elif kind == "no_others":
+        inv = involved_cells(spec)
+        diff = [f"{names[x]} {'added' if object_at(src, x) is None else 'removed'}"
+                for x in sorted(names) if x not in inv
+                and (object_at(src, x) is None) != (object_at(ed, x) is None)]
+        place, want, see = "other cells", "same", ", ".join(diff) if diff else "same"
+    elif kind == "clean":
+        place, want, see = "noise", "none", "noisy" if noisy else "none"
+    else:
+        return "unknown question"
+    return f"{place}: want {want}, see {see}"
 
 
 def member_score(member, points, principles, noop) -> float:
@@ -303,12 +341,13 @@ def verifier(member, messages, images, temperature=0.0, rng=None, config: WorldC
     for i, (p, v) in enumerate(zip(principles, points)):
         doubt = strict and v and p["category"] != "quality" and rng.random() < STRICT_DOUBT
         points[i] = 0 if doubt else v
-        checks.append(f"q{i + 1} {_key(p['question'], config)}: "
+        checks.append(f"q{i + 1} {_observe(p['question'], src, ed, noisy, spec, config)}, "
                       f"{'unsure, no' if doubt else 'yes' if v else 'no'}.")
     noop = ed == src
-    reasoning = (f"source: {describe(src, config)}. edited: {describe(ed, config)}"
-                 f"{'; noisy' if noisy else ''}. " + " ".join(checks) +
-                 (" nothing changed." if noop else ""))
+    reasoning = " ".join(checks) + (" nothing changed." if noop else "")
+    if DESCRIBE_IMAGES:
+        reasoning = (f"source: {describe(src, config)}. edited: {describe(ed, config)}"
+                     f"{'; noisy' if noisy else ''}. " + reasoning)
     return format_rrm_output(reasoning, points, member_score(member, points, principles, noop))
 
 

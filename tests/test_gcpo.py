@@ -101,3 +101,68 @@ def test_bad_inputs_give_clear_errors(tiny_run, tmp_path):
     write([dict(rows[0], winner=str(tmp_path / "gone.png"))])
     with pytest.raises(C.DataError, match="image not found: .*gone.png"):
         gcpo.main(args)
+
+
+# ------------------------------------------------------------------------------ whole runs
+@pytest.fixture(scope="module")
+def small_sft(tiny_run, tmp_path_factory):
+    """A small RRM SFT'd for 100 steps on the tiny run: at T = 1 some of its answers parse and
+    some do not, with different scores, so GCPO's advantages are not all zero (a random base
+    never parses, and a test over all-zero advantages would check nothing)."""
+    import miniworld
+    import sft_rrm
+    from miniworld import bases
+    root = tmp_path_factory.mktemp("gcpo")
+    base = str(bases.build_rrm_base(root / "small", miniworld.text_corpus(20), image_size=96, hidden_size=64,
+                                    num_layers=2, intermediate_size=128, vision_hidden_size=32,
+                                    vision_intermediate_size=64))
+    sft_rrm.main(sft_rrm.Args(model=base, run_dir=tiny_run["run"], output_name="sft_small", max_steps=100,
+                              batch_size=8, per_device_batch_size=8, lr=1e-2, report_to="none",
+                              eval_every=0, eval_max_pairs=1))
+    return os.path.join(tiny_run["run"], "sft_small")
+
+
+def _gcpo(small_sft, tiny_run, name, **kw):
+    a = ["gcpo.py", "--model", small_sft, "--run_dir", tiny_run["run"], "--output_name", name, "--n", "4",
+         "--steps", "3", "--max_new_tokens", "240", "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "0",
+         "--eval_max_pairs", "1", "--report_to", "none", "--micro_batch", "5"]
+    for k, v in kw.items():
+        a += [f"--{k}", str(v)]
+    return a
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_one_vs_two_processes_and_resume(small_sft, tiny_run):
+    run = tiny_run["run"]
+    run_script(_gcpo(small_sft, tiny_run, "gcpo_p1", pairs_per_step=2, per_device_pairs=2, checkpoint_every=2))
+    one = json.load(open(os.path.join(run, "gcpo_p1", "summary.json")))["history"]["train"]
+    # the run learned something: some pair carried signal, and the weights moved
+    assert min(s["train/zero_adv_pairs"] for s in one) < 1.0, one
+    w1, w0 = _weights(os.path.join(run, "gcpo_p1")), _weights(small_sft)
+    assert max(float((w1[k] - w0[k]).abs().max()) for k in w0) > 1e-4
+    # 2 processes x 1 pair: the same rollouts (per-trajectory seeds), the same update
+    run_script(_gcpo(small_sft, tiny_run, "gcpo_p2", pairs_per_step=2, per_device_pairs=1), two_procs=True)
+    two = json.load(open(os.path.join(run, "gcpo_p2", "summary.json")))["history"]["train"]
+    for a, b in zip(one, two):
+        for k in ("train/reward", "train/parse_rate", "train/win_ratio", "train/length"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5), (k, one, two)
+    w2 = _weights(os.path.join(run, "gcpo_p2"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    # resume from step 2 of 3 ends on the same weights as the unbroken run
+    ck = os.path.join(run, "gcpo_p1", "checkpoints", "checkpoint-2")
+    assert os.path.isdir(ck)
+    shutil.copytree(ck, os.path.join(run, "gcpo_resume", "checkpoints", "checkpoint-2"))
+    run_script(_gcpo(small_sft, tiny_run, "gcpo_resume", pairs_per_step=2, per_device_pairs=2,
+                     resume_from_checkpoint="latest"))
+    resumed = json.load(open(os.path.join(run, "gcpo_resume", "summary.json")))["history"]["train"]
+    assert len(resumed) == 1 and math.isclose(resumed[0]["train/reward"], one[2]["train/reward"], abs_tol=1e-6)
+    w3 = _weights(os.path.join(run, "gcpo_resume"))
+    assert max(float((w1[k] - w3[k]).abs().max()) for k in w1) < 1e-6
+    # the saved model reloads through the Auto classes
+    model, processor = C.load_rrm(os.path.join(run, "gcpo_p1"))
+    assert model.config.model_type == "qwen2_5_vl"

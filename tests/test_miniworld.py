@@ -5,6 +5,7 @@ Tolerances on measured rates are about 3 standard errors of the sample sizes use
 """
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -202,7 +203,12 @@ def test_pool_members_show_their_documented_biases(edits):
                                [ctx["source_image"], img], 0.0, rng)
             parsed = parse_rrm_output(out, len(ps))
             assert parsed["status"] == "ok" and parsed["flags"] == [], out
-            assert out.startswith("<think>source: ") and "q1 " in out
+            assert out.startswith("<think>q1 ") and ": want " in out and ", see " in out
+            # the verdict in the reasoning is the point: "q<i> <place>: want X, see Y, yes|no|unsure, no."
+            said = re.findall(r"q(\d+) [^:]+: want [^,]+, see (?:[^,]+(?:, [a-z ]+ (?:added|removed))*), "
+                              r"(yes|no|unsure, no)\.", out)
+            assert [int(i) for i, _ in said] == list(range(1, len(ps) + 1)), out
+            assert [int(v == "yes") for _, v in said] == parsed["points"], out
             for pt, g, p in zip(parsed["points"], gt, ps):
                 pairs[(member, p["category"])].append((pt, g))
     prof = sim.MEMBERS
@@ -282,7 +288,7 @@ def test_judges_rater_and_dispatch():
 def test_text_corpus_and_grid(tmp_path):
     texts = sim.text_corpus(n_contexts=3)
     assert VERIFY_SYSTEMS["compact"] in texts
-    assert any(t.startswith("<think>source:") for t in texts)
+    assert any(t.startswith("<think>q1 ") and ": want " in t for t in texts)
     assert any(json.loads(t)[0]["category"] == "Instruction Following" for t in texts if t.startswith("[{"))
     sim.save_grid(tmp_path / "grid.png", n_rows=1)
     assert Image.open(tmp_path / "grid.png").size[0] > 5 * CFG.size
