@@ -78,7 +78,7 @@ class Args:
     editreward_bench: str = field(default="", metadata={"help": "local EditReward-Bench copy (parquet file/folder, arrow, or save_to_disk folder)"})
     erb_dimension: str = field(default="overall", metadata={"help": "EditReward-Bench rows of this dimension make the headline (prompt_following, consistency, overall or all)"})
     decomposer: str = field(default="mini:decomposer", metadata={"help": "backend that writes principles for rows that have none"})
-    max_pairs: int = field(default=64, metadata={"help": "pairs per benchmark (a seeded subset; 0 = all)"})
+    max_pairs: int = field(default=128, metadata={"help": "pairs per benchmark (a seeded subset; 0 = all)"})
     # --- RRM generation
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with (mini: compact, real: full)"})
     k_samples: int = field(default=1, metadata={"help": "K samples per edit, scores averaged ('reasoning expansion'; needs --temperature > 0)"})
@@ -92,7 +92,7 @@ class Args:
     gedit_bench: str = field(default="", metadata={"help": "local GEdit-Bench copy; default: the run's contexts.jsonl"})
     gedit_language: str = field(default="en", metadata={"help": "GEdit-Bench rows of this instruction_language"})
     contexts_split: str = field(default="test", metadata={"help": "split of <run_dir>/data/contexts.jsonl to edit"})
-    max_contexts: int = field(default=16, metadata={"help": "contexts to edit (the first ones; 0 = all)"})
+    max_contexts: int = field(default=100, metadata={"help": "contexts to edit (the first ones; 0 = all)"})
     judge: str = field(default="mini:judge", metadata={"help": "GEdit-style judge backend (SC and PQ prompts)"})
     edit_steps: int = field(default=10, metadata={"help": "denoising steps (mini: 10, as flow_grpo.py; FLUX.1-Kontext: 28)"})
     edit_batch: int = field(default=8, metadata={"help": "contexts per pipeline call; the noise seed is per call, the same for every editor"})
@@ -720,6 +720,34 @@ def render(tables: list, images: list, curves: dict, notes: list, header: str) -
 
 
 # =========================================================================================
+def headline(run_dir: str, results: dict, editing: dict) -> str:
+    """The pipeline's three claims in one Markdown table (issue: the reproduction table):
+    RRM held-out pairwise accuracy (Think-only < Think+Verify < GCPO), the mean training
+    reward each RRM gave the editor in Flow-GRPO (the stricter judge gives less), and the
+    editors' ground-truth utility (mini world) on held-out contexts."""
+    rows = ["| quantity | " + " | ".join(("think_only", "think_verify", "gcpo")) + " | paper |",
+            "|---|---|---|---|---|"]
+    acc = results.get("pairs", {})
+    rows.append("| RRM pairwise accuracy (held-out pairs) | " + " | ".join(
+        fmt(acc[k]["accuracy"], pct=True) if k in acc else "-" for k in ("think_only", "think_verify", "gcpo"))
+        + " | 68.9 / 75.4 / 82.2 |")
+    reward = {}
+    for lab, name in (("think_verify", "flow_grpo_sft"), ("gcpo", "flow_grpo_gcpo")):
+        path = os.path.join(run_dir, name, "summary.json")
+        if os.path.exists(path):
+            train = json.load(open(path))["history"]["train"]
+            reward[lab] = sum(t["train/reward"] for t in train) / len(train) if train else None
+    rows.append("| mean Flow-GRPO training reward given by the RRM | - | " + " | ".join(
+        fmt(reward.get(k)) for k in ("think_verify", "gcpo")) + " | GCPO-RRM lower (stricter) |")
+    util = {("base" if not e["lora"] else "gcpo" if "gcpo" in e["lora"] else "think_verify"): e["truth"]["utility"]
+            for e in editing.values() if "truth" in e}
+    if util:
+        rows.append(f"| editor ground-truth utility (base {fmt(util.get('base'))}) | - | "
+                    + " | ".join(fmt(util.get(k)) for k in ("think_verify", "gcpo"))
+                    + " | GEdit O 5.77 -> 6.20 / 6.24 |")
+    return "\n".join(rows) + "\n"
+
+
 def main(args: Args) -> dict:
     t0 = time.time()
     out_dir = args.out_dir or os.path.join(args.run_dir, "eval")
@@ -860,7 +888,10 @@ def main(args: Args) -> dict:
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
     cache.cleanup()
-    print(f"report: {os.path.join(out_dir, 'report.html')} ({minutes:.1f} min)")
+    head = headline(args.run_dir, results, editing)
+    with open(os.path.join(out_dir, "headline.md"), "w", encoding="utf-8") as f:
+        f.write(head)
+    print(head + f"report: {os.path.join(out_dir, 'report.html')} ({minutes:.1f} min)")
     return summary
 
 

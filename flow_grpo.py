@@ -121,7 +121,7 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on attention + MLP (Flow-GRPO FLUX: 64)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    steps: int = field(default=40, metadata={"help": "rollout/update steps"})
+    steps: int = field(default=20, metadata={"help": "rollout/update steps"})
     bf16: bool = field(default=False, metadata={"help": "bf16 weights + mixed precision (GPU); SDE math stays float32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
     # --- evaluation, logging, checkpoints

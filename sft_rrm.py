@@ -49,10 +49,10 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording (common.VERIFY_SYSTEMS); mini: compact, real: full"})
     max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; longer samples stop the run with their id"})
     # --- optimisation
-    epochs: float = field(default=3.5, metadata={"help": "passes over the SFT set"})
+    epochs: float = field(default=5.5, metadata={"help": "passes over the SFT set (mini: 720 rows x 5.5 / 16 = 247 steps)"})
     batch_size: int = field(default=16, metadata={"help": "GLOBAL sequences per optimizer step (all processes, all accumulation)"})
     per_device_batch_size: int = field(default=16, metadata={"help": "sequences per forward on one process"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (mini: 2e-3; 7B full FT: ~1e-5; LoRA: ~1e-4)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (mini: 1e-3; 7B full FT: ~1e-5; LoRA: ~1e-4)"})
     schedule: str = field(default="cosine", metadata={"help": "cosine or linear decay after warm-up"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps for linear warm-up"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak"})
@@ -63,7 +63,7 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU runs)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU)"})
     # --- evaluation, logging, checkpoints
-    eval_every: int = field(default=100, metadata={"help": "evaluate held-out pairs every N steps (0 = only at the end)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate held-out pairs every N steps (0 = only at the end; each costs ~1 CPU minute in the mini run)"})
     eval_split: str = field(default="val", metadata={"help": "pairs_<split>.jsonl used for periodic evaluation"})
     eval_max_pairs: int = field(default=200, metadata={"help": "cap on evaluated pairs"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation length at evaluation"})

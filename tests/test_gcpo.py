@@ -144,7 +144,8 @@ def test_one_vs_two_processes_and_resume(small_sft, tiny_run):
     # the run learned something: some pair carried signal, and the weights moved
     assert min(s["train/zero_adv_pairs"] for s in one) < 1.0, one
     w1, w0 = _weights(os.path.join(run, "gcpo_p1")), _weights(small_sft)
-    assert max(float((w1[k] - w0[k]).abs().max()) for k in w0) > 1e-4
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w0)
+    assert moved > 1e-3, moved                                      # lr 3e-3 x 3 steps: up to ~1e-2
     # 2 processes x 1 pair: the same rollouts (per-trajectory seeds), the same update
     run_script(_gcpo(small_sft, tiny_run, "gcpo_p2", pairs_per_step=2, per_device_pairs=1), two_procs=True)
     two = json.load(open(os.path.join(run, "gcpo_p2", "summary.json")))["history"]["train"]
@@ -152,7 +153,9 @@ def test_one_vs_two_processes_and_resume(small_sft, tiny_run):
         for k in ("train/reward", "train/parse_rate", "train/win_ratio", "train/length"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5), (k, one, two)
     w2 = _weights(os.path.join(run, "gcpo_p2"))
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    # equal up to the order of float sums (DDP's all-reduce), which Adam's normalisation
+    # amplifies for near-zero gradients: measured 2e-4 against a movement of ~1e-2
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.05 * moved
     # resume from step 2 of 3 ends on the same weights as the unbroken run
     ck = os.path.join(run, "gcpo_p1", "checkpoints", "checkpoint-2")
     assert os.path.isdir(ck)

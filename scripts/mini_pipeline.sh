@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole Edit-R1 pipeline on the mini world, stage by stage (README, "Two commands").
+#
+#   scripts/mini_pipeline.sh [RUN_DIR] [SEED]        default: runs/mini 0
+#
+# Stages hand over through files in RUN_DIR only (no stage imports another):
+#   1. build_data.py            -> data/ (contexts, candidates, trajectories, SFT sets, pairs)
+#   2. sft_rrm.py  x2           -> sft_rrm/ (Think+Verify), sft_rrm_think_only/ (the ablation)
+#   3. gcpo.py                  -> gcpo_rrm/            | flow_grpo.py -> flow_grpo_sft/ (SFT-RRM reward)
+#   4. flow_grpo.py             -> flow_grpo_gcpo/ (GCPO-RRM reward)
+#   5. evaluate.py              -> eval/ (summary.json, report.md, report.html)
+# Independent stages run side by side, one CPU thread each (this machine has 2 cores).
+# Every stage's full log is in RUN_DIR/logs/<stage>.log; this script prints one line per stage.
+# Extra flags per stage (e.g. a smaller run in tests/test_pipeline.py): DATA_ARGS, SFT_ARGS,
+# GCPO_ARGS, FLOW_ARGS, EVAL_ARGS, e.g.  SFT_ARGS="--max_steps 50" scripts/mini_pipeline.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-runs/mini}
+SEED=${2:-0}
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "$RUN/logs"
+T0=$(date +%s)
+
+stage() {  # stage <name> <command...>: run, log, print the time and the last summary line
+  local name=$1; shift
+  local t=$(date +%s)
+  echo "[$(date +%T)] start  $name"
+  if ! "$@" > "$RUN/logs/$name.log" 2>&1; then
+    echo "[$(date +%T)] FAILED $name -- see $RUN/logs/$name.log:"; tail -n 20 "$RUN/logs/$name.log"; return 1
+  fi
+  echo "[$(date +%T)] done   $name ($(( $(date +%s) - t )) s): $(tr '\r' '\n' < "$RUN/logs/$name.log" | grep -E '^\[eval final\]|^report:|^\[final\]|^wrote' | tail -n 1)"
+}
+
+stage build_data      $PY build_data.py --run_dir "$RUN" --seed "$SEED" ${DATA_ARGS:-}
+stage sft_think_verify $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" ${SFT_ARGS:-} &
+P1=$!
+stage sft_think_only  $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" --sft_set think_only ${SFT_ARGS:-} &
+P2=$!
+wait $P1 && wait $P2
+stage gcpo            $PY gcpo.py --run_dir "$RUN" --seed "$SEED" --model "$RUN/sft_rrm" ${GCPO_ARGS:-} &
+P1=$!
+stage flow_grpo_sft   $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/sft_rrm" --output_name flow_grpo_sft ${FLOW_ARGS:-} &
+P2=$!
+wait $P1 && wait $P2
+stage flow_grpo_gcpo  $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/gcpo_rrm" --output_name flow_grpo_gcpo ${FLOW_ARGS:-}
+stage evaluate        $PY evaluate.py --run_dir "$RUN" --seed "$SEED" ${EVAL_ARGS:-}
+echo "pipeline done in $(( $(date +%s) - T0 )) s"
+cat "$RUN/eval/headline.md" 2>/dev/null || true
+echo "report: $RUN/eval/report.html"

@@ -1,0 +1,61 @@
+"""The whole mini pipeline (scripts/mini_pipeline.sh) on a smaller setting: every stage runs as
+a user runs it, and every artefact one stage hands to the next is checked, so a change in one
+stage that breaks a later one fails here. Learning is not asserted here (a few steps of each
+stage); the README's numbers come from the default run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common as C
+from stage_fixtures import ENV, ROOT
+
+SMALL = {
+    "DATA_ARGS": "--n_train 10 --n_val 3 --n_test 3 --pool mini:lenient,mini:eager --temperatures 1.0",
+    "SFT_ARGS": "--max_steps 2 --batch_size 4 --per_device_batch_size 4 --eval_max_pairs 2 --max_new_tokens 8 "
+                "--report_to none",
+    "GCPO_ARGS": "--steps 1 --n 2 --pairs_per_step 1 --per_device_pairs 1 --max_new_tokens 8 --eval_max_pairs 2 "
+                 "--report_to none",
+    "FLOW_ARGS": "--steps 1 --contexts_per_step 1 --group_size 2 --num_steps 3 --eval_contexts 1 --eval_seeds 1 "
+                 "--rrm_max_new_tokens 8 --report_to none",
+    "EVAL_ARGS": "--max_pairs 3 --max_contexts 2 --max_new_tokens 8 --edit_steps 3",
+}
+
+
+@pytest.mark.slow
+def test_the_pipeline_chains_every_stage(tmp_path):
+    run = str(tmp_path / "run")
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mini_pipeline.sh"), run, "0"], cwd=ROOT,
+                         env={**ENV, **SMALL, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    for stage in ("build_data", "sft_think_verify", "sft_think_only", "gcpo", "flow_grpo_sft", "flow_grpo_gcpo",
+                  "evaluate"):
+        assert f"done   {stage}" in out.stdout, out.stdout
+        assert os.path.getsize(os.path.join(run, "logs", f"{stage}.log")) > 0
+    # 1. build_data -> the SFT sets and the preference pairs
+    data = os.path.join(run, "data")
+    for name in ("contexts", "candidates", "trajectories", "inspected", "sft_think_verify", "sft_think_only",
+                 "pairs_train", "pairs_val", "pairs_test"):
+        assert C.read_jsonl(os.path.join(data, f"{name}.jsonl")), name
+    # 2. sft_rrm -> two RRMs that load with the Auto classes
+    for name in ("sft_rrm", "sft_rrm_think_only"):
+        model, processor = C.load_rrm(os.path.join(run, name))
+        assert model.config.model_type == "qwen2_5_vl"
+        assert json.load(open(os.path.join(run, name, "summary.json")))["args"]["sft_set"] in ("think_verify", "think_only")
+    # 3. gcpo -> an RRM trained from the SFT one
+    summary = json.load(open(os.path.join(run, "gcpo_rrm", "summary.json")))
+    assert summary["args"]["model"] == os.path.join(run, "sft_rrm") and len(summary["history"]["train"]) == 1
+    C.load_rrm(os.path.join(run, "gcpo_rrm"))
+    # 4. flow_grpo x2 -> LoRAs in the diffusers format, each with the RRM it was rewarded by
+    for name, rrm in (("flow_grpo_sft", "sft_rrm"), ("flow_grpo_gcpo", "gcpo_rrm")):
+        assert os.path.isfile(os.path.join(run, name, "pytorch_lora_weights.safetensors")), name
+        assert json.load(open(os.path.join(run, name, "summary.json")))["args"]["reward_model"] == os.path.join(run, rrm)
+    # 5. evaluate -> every RRM and every editor in the report
+    ev = json.load(open(os.path.join(run, "eval", "summary.json")))
+    assert set(ev["rrm"]["pairs"]) >= {"base", "think_only", "think_verify", "gcpo"}
+    assert set(ev["editing"]["editors"]) == {"base", "flow_grpo_sft", "flow_grpo_gcpo"}
+    for name in ("report.html", "report.md", "headline.md"):
+        assert os.path.getsize(os.path.join(run, "eval", name)) > 0
+    assert "RRM pairwise accuracy" in out.stdout and "report: " in out.stdout
