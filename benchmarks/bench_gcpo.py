@@ -13,7 +13,9 @@ Contestants:
   trl           trl.GRPOTrainer (no vLLM, gradient checkpointing off, bf16 off)
 
 Install once (not in requirements.txt): .venv/bin/pip install trl==1.16.0
-Run:  .venv/bin/python benchmarks/bench_gcpo.py            (~5 minutes on 2 cores)
+Run:  .venv/bin/python benchmarks/bench_gcpo.py            (both sizes, 2 rounds: ~30 minutes on 2 cores)
+      BENCH_SIZES=1.6M BENCH_ROUNDS=1 BENCH_STEPS=2 .venv/bin/python benchmarks/bench_gcpo.py   (~4 minutes)
+      (BENCH_THREADS sets torch's CPU threads, default 2)
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ import common as C  # noqa: E402
 import miniworld  # noqa: E402
 from miniworld import bases, world  # noqa: E402
 
-N, T, IMG, STEPS, WARMUP = 8, 128, 448, 4, 1
+N, T, IMG, WARMUP = 8, 128, 448, 1
+STEPS = int(os.environ.get("BENCH_STEPS", "4"))        # timed steps per contestant and round
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))      # interleaved rounds
+SIZES = os.environ.get("BENCH_SIZES", "1.6M,5M").split(",")
 
 
 def make_model(out: str, **size) -> str:
@@ -100,8 +105,11 @@ def bench_trl(path: str) -> float:
 
     rows = []
     for m, imgs in prompts(2 * (STEPS + WARMUP)):
-        text = [{"role": r["role"], "content": [c for c in r["content"] if c["type"] == "text"]} for r in m]
-        rows.append({"prompt": text, "images": imgs})
+        # the same interleaved prompt ("Source image:" <img> "Edited image:" <img> ...): TRL 1.16 fills
+        # unfilled {"type": "image"} placeholders in order with the row's images
+        msgs = [{"role": r["role"], "content": [c if c["type"] == "text" else {"type": "image"} for c in r["content"]]}
+                for r in m]
+        rows.append({"prompt": msgs, "images": imgs})
     ds = Dataset.from_list(rows)
     vision = [t for t in C.VISION_TOKENS]
     times = []
@@ -130,16 +138,17 @@ def bench_trl(path: str) -> float:
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     with tempfile.TemporaryDirectory() as d:
-        for name, size in [("1.6M", {}), ("5M", dict(hidden_size=256, num_layers=4, intermediate_size=1024))]:
+        for name, size in [(k, v) for k, v in (("1.6M", {}), ("5M", dict(hidden_size=256, num_layers=4,
+                                                                            intermediate_size=1024))) if k in SIZES]:
             path = make_model(os.path.join(d, name), **size)
             res = {"ours/shared": [], "ours/plain": [], "trl": []}
-            for _ in range(2):  # interleave the contestants
+            for _ in range(ROUNDS):  # interleave the contestants
                 res["ours/shared"].append(bench_ours(path, True))
                 res["ours/plain"].append(bench_ours(path, False))
                 res["trl"].append(bench_trl(path))
             m = {k: float(np.mean(v)) for k, v in res.items()}
             print(f"\nmodel {name}: two {IMG}px images (256 tokens each), ~10 principles, N={N}, {T} new tokens, "
-                  f"16 trajectories/step, {STEPS} timed steps x 2 rounds")
+                  f"16 trajectories/step, {STEPS} timed steps x {ROUNDS} rounds, {torch.get_num_threads()} thread(s)")
             for k, v in m.items():
                 print(f"  {k:12s} {v:6.2f} trajectories/s   (rounds: {', '.join(f'{x:.2f}' for x in res[k])})")
             print(f"  ratio ours/shared : trl = {m['ours/shared'] / m['trl']:.2f}x   "

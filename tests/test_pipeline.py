@@ -59,3 +59,8 @@ def test_the_pipeline_chains_every_stage(tmp_path):
     for name in ("report.html", "report.md", "headline.md"):
         assert os.path.getsize(os.path.join(run, "eval", name)) > 0
     assert "RRM pairwise accuracy" in out.stdout and "report: " in out.stdout
+    # the reproduction table reads the same artefacts (one run: no spread)
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduction_table.py"), run], cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "| RRM pairwise accuracy, + GCPO (%) |" in table.stdout and "| motion_change |" in table.stdout
