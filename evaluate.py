@@ -735,7 +735,7 @@ def headline(run_dir: str, results: dict, editing: dict) -> str:
     for lab, name in (("think_verify", "flow_grpo_sft"), ("gcpo", "flow_grpo_gcpo")):
         path = os.path.join(run_dir, name, "summary.json")
         if os.path.exists(path):
-            train = json.load(open(path))["history"]["train"]
+            train = json.load(open(path)).get("history", {}).get("train", [])
             reward[lab] = sum(t["train/reward"] for t in train) / len(train) if train else None
     rows.append("| mean Flow-GRPO training reward given by the RRM | - | " + " | ".join(
         fmt(reward.get(k)) for k in ("think_verify", "gcpo")) + " | GCPO-RRM lower (stricter) |")
