@@ -33,6 +33,8 @@ stage() {  # stage <name> <command...>: run, log, print the time and the last su
 }
 
 stage build_data      $PY build_data.py --run_dir "$RUN" --seed "$SEED" ${DATA_ARGS:-}
+echo "           data: $(wc -l < "$RUN/data/sft_think_verify.jsonl") SFT rows per set, preference pairs" \
+     "$(wc -l < "$RUN/data/pairs_train.jsonl") / $(wc -l < "$RUN/data/pairs_val.jsonl") / $(wc -l < "$RUN/data/pairs_test.jsonl") (train / val / test)"
 stage sft_think_verify $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" ${SFT_ARGS:-} &
 P1=$!
 stage sft_think_only  $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" --sft_set think_only ${SFT_ARGS:-} &
