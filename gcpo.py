@@ -19,7 +19,7 @@ signal: it is counted and skipped. A pair's 2N rollouts always live on one proce
 advantages never depend on the number of processes.
 
 Run
-  python gcpo.py                                        # mini world, CPU, < 5 min, after sft_rrm.py
+  python gcpo.py                                        # mini world, CPU, ~3 min, after sft_rrm.py
   accelerate launch gcpo.py --model runs/real/sft_rrm --run_dir runs/real --variant full \\
       --n 8 --pairs_per_step 32 --per_device_pairs 4 --lr 1e-6 --max_new_tokens 1024 --bf16 \\
       --gradient_checkpointing                                                   # 1 GPU
