@@ -238,3 +238,37 @@ def test_qwen_edit_run_with_the_in_process_rrm(bases):
     assert t["train/unparseable"] == 1.0 and t["train/zero_var_groups"] == 1.0
     assert "gt_utility" in out["final"]
     assert os.path.exists(os.path.join(bases["run"], "fg_qwen", "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+def test_one_vs_two_processes_and_resume(bases):
+    # The rewards come from the simulated verifier, seeded per edit, so they depend on the
+    # images alone. Step 1 samples from identical weights in both layouts, so its rewards and
+    # advantages are identical; its two minibatches (the 2nd off-policy) give the update.
+    # Step 2 samples from weights that differ by the order of float sums (DDP's all-reduce),
+    # which could flip a thresholded verdict, so 1-vs-2 is compared on one step, and resume
+    # (same layout, bit-identical weights) on two.
+    p1 = run_args(bases, "fg_p1", steps=1)
+    run_script(["flow_grpo.py"] + p1)
+    run_script(["flow_grpo.py"] + run_args(bases, "fg_p2", steps=1), two_procs=True)
+    one = json.load(open(os.path.join(bases["run"], "fg_p1", "summary.json")))["history"]["train"]
+    two = json.load(open(os.path.join(bases["run"], "fg_p2", "summary.json")))["history"]["train"]
+    assert one[0]["train/zero_var_groups"] < 1.0, one                     # the step carried signal
+    for k in ("train/reward", "train/gt_utility"):
+        if k in one[0]:
+            assert np.isclose(one[0][k], two[0][k], atol=1e-6), (k, one, two)
+    l1, l2 = lora_of(bases, "fg_p1"), lora_of(bases, "fg_p2")
+    init = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in l1.items()}   # B starts at 0
+    moved = max(float((l1[k] - init[k]).abs().max()) for k in l1 if "lora_B" in k)
+    assert moved > 1e-4, moved
+    assert max(float((l1[k] - l2[k]).abs().max()) for k in l1) < 0.05 * moved
+    # resume: 2 steps straight vs 1 step + checkpoint, then resume to 2
+    run_script(["flow_grpo.py"] + run_args(bases, "fg_straight", steps=2))
+    run_script(["flow_grpo.py"] + run_args(bases, "fg_resume", steps=1, checkpoint_every=1))
+    run_script(["flow_grpo.py"] + run_args(bases, "fg_resume", steps=2, checkpoint_every=1,
+                                            resume_from_checkpoint="latest"))
+    straight = json.load(open(os.path.join(bases["run"], "fg_straight", "summary.json")))["history"]["train"]
+    resumed = json.load(open(os.path.join(bases["run"], "fg_resume", "summary.json")))["history"]["train"]
+    assert np.isclose(resumed[-1]["train/reward"], straight[-1]["train/reward"], atol=1e-6), (straight, resumed)
+    ls, lr_ = lora_of(bases, "fg_straight"), lora_of(bases, "fg_resume")
+    assert max(float((ls[k] - lr_[k]).abs().max()) for k in ls) < 1e-6
