@@ -58,7 +58,7 @@ class Args:
     image_root: str = field(default="", metadata={"help": "folder that relative image paths of --source are under"})
     skip_missing: bool = field(default=False, metadata={"help": "skip (and count) rows whose image is missing or corrupt instead of stopping"})
     # --- mini world sizes (ignored for real sources)
-    n_train: int = field(default=240, metadata={"help": "mini: training contexts"})
+    n_train: int = field(default=1500, metadata={"help": "mini: training contexts (x3 editors = SFT rows; with 240 the SFT model misreads what a question wants)"})
     n_val: int = field(default=50, metadata={"help": "mini: validation contexts"})
     n_test: int = field(default=100, metadata={"help": "mini: test contexts"})
     # --- who does what

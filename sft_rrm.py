@@ -11,7 +11,7 @@ next stage. Held-out pairwise accuracy and parse rate are measured with common.p
 the same numbers evaluate.py reports.
 
 Run
-  python sft_rrm.py                                    # mini world, CPU, ~7 min on one thread (247 steps)
+  python sft_rrm.py                                    # mini world, CPU, ~12 min on one thread (500 steps)
   python sft_rrm.py --sft_set think_only               # the paper's Think-only ablation
   accelerate launch sft_rrm.py --model Qwen/Qwen2.5-VL-7B-Instruct --run_dir runs/real \\
       --batch_size 64 --per_device_batch_size 4 --lr 1e-5 --epochs 2 --bf16 \\
@@ -49,7 +49,7 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording (common.VERIFY_SYSTEMS); mini: compact, real: full"})
     max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; longer samples stop the run with their id"})
     # --- optimisation
-    epochs: float = field(default=5.5, metadata={"help": "passes over the SFT set (mini: 720 rows x 5.5 / 16 = 247 steps)"})
+    epochs: float = field(default=1.78, metadata={"help": "passes over the SFT set (mini: 4500 rows x 1.78 / 16 = 500 steps; at 247 steps the tiny RRM still answers 'yes' to nearly everything, see README)"})
     batch_size: int = field(default=16, metadata={"help": "GLOBAL sequences per optimizer step (all processes, all accumulation)"})
     per_device_batch_size: int = field(default=16, metadata={"help": "sequences per forward on one process"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (mini: 1e-3; 7B full FT: ~1e-5; LoRA: ~1e-4)"})
