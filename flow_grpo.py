@@ -89,7 +89,7 @@ class Args:
     run_dir: str = field(default="runs/mini", metadata={"help": "run folder: reads <run_dir>/data/contexts.jsonl"})
     output_name: str = field(default="flow_grpo", metadata={"help": "output subfolder of run_dir"})
     reward_model: str = field(default="runs/mini/gcpo_rrm", metadata={"help": "the RRM (Qwen2.5-VL folder) for --reward_backend inprocess"})
-    reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs) or mini:<member> (the mini world's simulated verifier, an ablation)"})
+    reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs), mini:<member> (the mini world's simulated verifier, an ablation) or mini:truth (its exact utility: the oracle ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's) or weighted (common.aggregate_score over the 0/1 points)"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
@@ -393,6 +393,12 @@ def make_judge(args: Args, device, counters: dict):
             outs = C.rrm_score(model, processor, reqs, prins, n=1, temperature=0.0, variant=args.variant,
                                max_new_tokens=args.rrm_max_new_tokens, batch_size=args.rrm_batch_size)
             return [o[0] for o in outs]
+    elif args.reward_backend == "mini:truth":  # an oracle ablation: the mini world's exact verdicts and utility
+        from miniworld import world as W
+
+        def verdicts(reqs, prins, seeds):
+            return [{"status": "ok", "score": W.utility(src, ins, p, ed), "points": W.ground_truth(src, ins, p, ed)}
+                    for (src, ed, ins), p in zip(reqs, prins)]
     else:
         def verdicts(reqs, prins, seeds):
             msgs = [(C.verify_messages(ins, p, args.variant), [src, ed]) for (src, ed, ins), p in zip(reqs, prins)]

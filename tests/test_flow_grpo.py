@@ -209,6 +209,19 @@ def test_lora_save_load_into_the_pipeline_reproduces_outputs(bases, tmp_path):
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if "lora" in k)
 
 
+def test_truth_reward_is_the_worlds_utility(bases):
+    # the oracle ablation's reward is the exact utility; its points are the exact verdicts
+    from miniworld import world
+    rows, srcs, _ = contexts(bases["run"])
+    judge = F.make_judge(targs(reward_backend="mini:truth"), "cpu", {})
+    recs = judge(rows, srcs, [0, 1])                                         # no-op edits: utility 0
+    assert [r["reward"] for r in recs] == [r["gt_utility"] for r in recs] == [0.0, 0.0]
+    target = world.render(world.apply_edit(world.perceive(srcs[0]), world.parse_instruction(
+        rows[0]["instruction"], world.perceive(srcs[0]))))
+    rec = judge(rows[:1], [target], [0])[0]
+    assert rec["reward"] == rec["gt_utility"] == 10.0 and rec["rrm_follow"] == rec["gt_follow"]
+
+
 # ------------------------------------------------------------------------ whole runs
 def run_args(bases, out, **kw):
     a = ["--policy", bases["kontext"], "--run_dir", bases["run"], "--output_name", out, "--reward_backend",
