@@ -142,6 +142,35 @@ def test_first_ratio_is_one_with_a_different_batch_layout(bases, kind):
         assert torch.allclose(sum_lp, logp * 36 * 64, rtol=1e-5)
 
 
+def test_update_raises_the_advantage_weighted_logprob(bases):
+    # the sign of the whole chain (SDE mean -> Gaussian log-prob -> clipped objective -> step):
+    # one small step on Eq. E raises sum_i A_i log p(transitions of sample i)
+    pipe, args = load(bases["kontext"]), targs()
+    add_lora(pipe, r=4, alpha=8)
+    rows, srcs, instrs = contexts(bases["run"])
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched, trained, idx = F.schedule(pipe, 3, 36), [0, 1], torch.tensor([0, 0, 1, 1])
+    _, traj = F.denoise(pipe.transformer, pipe, ctx, idx, [1, 2, 3, 4], sched, trained, 0.7, args,
+                        contextlib.nullcontext)
+    std_k = F.noise_stds(sched[0], trained, 0.7)
+
+    def logp():                                                                # (4 samples, 2 steps)
+        return torch.stack([F.gaussian_logprob(traj["x_next"][:, j], *F.transition_mean(
+            pipe.transformer, pipe, ctx, idx, traj["x"][:, j], torch.full((4,), trained[j]), sched,
+            std_k[[j] * 4], args), "mean") for j in range(2)], 1)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])                                 # one winner, one loser per context
+    lora = [p for n, p in pipe.transformer.named_parameters() if "lora" in n]
+    lp = logp()
+    pg, ratio = F.clipped_objective(lp, traj["logp"], adv[:, None], 1e-4)
+    assert (ratio - 1).abs().max() < 1e-5
+    pg.mean().backward()
+    torch.optim.SGD(lora, lr=1e-3).step()
+    with torch.no_grad():
+        gain = (logp() - lp.detach()).sum(1)                                   # (4,)
+    assert float((adv * gain).sum()) > 0, gain
+    assert float(gain[adv > 0].mean()) > float(gain[adv < 0].mean()), gain
+
+
 def add_lora(pipe, r=4, alpha=8, seed=0):
     from peft import LoraConfig
     pipe.transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian",
