@@ -232,7 +232,8 @@ def test_build_all_is_small(built):
 def test_committed_bases_keep_their_measured_quality():
     """The committed mini-world checkpoints, re-measured on fresh held-out samples: what the
     README reports (RRM base object accuracy 0.93 and comparison items 0.92 on 200 pairs;
-    Kontext true utility 2.6 on 240 test contexts, no-op 0, target 10) within sampling error."""
+    Kontext true utility 4.7, Follow 0.47, Keep 0.87 on 240 test contexts; no-op 0, target 10)
+    within sampling error (30 edits here)."""
     from miniworld import pretrain_editors, pretrain_rrm
     root = Path(__file__).resolve().parents[1] / "miniworld" / "checkpoints"
     model, processor = common.load_rrm(str(root / "rrm_base"))
@@ -243,5 +244,5 @@ def test_committed_bases_keep_their_measured_quality():
     pipe.set_progress_bar_config(disable=True)
     edits = pretrain_editors.run_editor(pipe, pretrain_editors.Args(seed=1), contexts)
     s = pretrain_editors.score(contexts, edits)["all"]
-    assert 1.2 < s["utility"] < 5.0 and s["quality"] > 0.9, s                # edits roughly, not exactly
-    assert s["follow"] > 0.1 and s["keep"] > 0.5 and s["noop"] < 0.3, s
+    assert 3.0 < s["utility"] < 7.0 and s["quality"] > 0.9, s                # edits roughly, not exactly
+    assert s["follow"] > 0.25 and s["keep"] > 0.7 and s["noop"] < 0.35, s
