@@ -33,9 +33,12 @@ Equations (sigma = the scheduler's noise level, 1 = noise, 0 = data; dt = sigma'
 
 Choices the paper leaves open (flags): SDE noise only on the trained steps (the others are
 plain ODE steps, as in Flow-GRPO-Fast: noise there adds variance no update can credit, and
-noise on the last step would leave grain in the image); an unparseable RRM answer is the
-judge's failure, not the edit's, so by default it takes no part in its group (--unparseable
-exclude; counted; `zero` scores it 0 instead, the lowest reward); a group with zero reward
+noise on the last step would leave grain in the image; the mini default trains the first two
+of ten, 0:-1 is Flow-GRPO's all-but-last); the starting noise x_T is drawn per edit
+(--init_noise group shares it within a group, so only the trained steps spread it); an
+unparseable RRM answer is the judge's failure, not the edit's, so by default it takes no part
+in its group (--unparseable exclude; counted; `zero` scores it 0 instead, the lowest
+reward); a group with zero reward
 variance is counted and skipped (it carries no signal; the loss is averaged over the live
 samples); sampling noise is drawn per sample from a seed of (seed, step, sample index), so the
 edits do not depend on the number of processes, and a resumed run continues the same
@@ -44,10 +47,10 @@ Not done here: full fine-tuning (the KL reference is the LoRA-free model), EMA, 
 distillation, the RRM's own training (gcpo.py).
 
 Run
-  python flow_grpo.py            # mini world, CPU, 2-4 min, after gcpo.py (runs/mini/gcpo_rrm)
+  python flow_grpo.py            # mini world, CPU, ~5 min, after gcpo.py (runs/mini/gcpo_rrm)
   accelerate launch flow_grpo.py --policy black-forest-labs/FLUX.1-Kontext-dev --run_dir runs/real \\
       --reward_model runs/real/gcpo_rrm --world none --variant full --rrm_max_new_tokens 1024 \\
-      --resolution 512 --max_sequence_length 512 --group_size 24 --contexts_per_step 2 \\
+      --resolution 512 --max_sequence_length 512 --group_size 24 --contexts_per_step 2 --train_steps 0:-1 \\
       --sample_batch 8 --micro_batch 8 --lora_r 64 --lora_alpha 128 --lr 1e-4 --steps 1000 \\
       --bf16 --gradient_checkpointing --checkpoint_every 50 --eval_every 50            # 1 GPU
   accelerate launch --num_processes 8 flow_grpo.py ...same flags... --contexts_per_step 16 \\
@@ -100,14 +103,15 @@ class Args:
     # --- sampling (Flow-GRPO's SDE)
     num_steps: int = field(default=10, metadata={"help": "S: denoising steps of rollouts and evaluation"})
     noise_level: float = field(default=0.7, metadata={"help": "a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)"})
-    train_steps: str = field(default="0:-1", metadata={"help": "python slice of the S steps that are SDE and trained (default all but the last, as Flow-GRPO; e.g. 0:3 for a window)"})
+    init_noise: str = field(default="sample", metadata={"help": "starting noise x_T: sample (its own per edit) or group (one per context, shared by its G edits: the group's spread then comes only from the trained SDE steps, the part the update can credit)"})
+    train_steps: str = field(default="0:2", metadata={"help": "python slice of the S steps that are SDE and trained: 0:-1 = all but the last (Flow-GRPO; the GPU recipe), 0:2 = the first two, where the edit's layout is decided (mini default: a quarter of the update's cost, so 4x the samples per step, a window as Flow-GRPO-Fast trains)"})
     guidance_scale: float = field(default=2.5, metadata={"help": "Kontext: guidance embedding value (one pass)"})
     true_cfg_scale: float = field(default=4.0, metadata={"help": "Qwen-Image-Edit: true classifier-free guidance scale (two passes; 1 = off)"})
     max_sequence_length: int = field(default=24, metadata={"help": "Kontext T5 tokens (mini instructions <= 19; real: 512)"})
     sample_batch: int = field(default=32, metadata={"help": "samples per denoising batch in rollouts and evaluation"})
     # --- GRPO (paper: G=24, beta=0.04; the rest is Flow-GRPO's practice or ours)
-    group_size: int = field(default=8, metadata={"help": "G: edits per context (paper 24; the mini run uses 8 to fit 5 CPU minutes)"})
-    contexts_per_step: int = field(default=4, metadata={"help": "GLOBAL contexts per step; N = contexts_per_step x G must divide by the process count (a group may span processes)"})
+    group_size: int = field(default=16, metadata={"help": "G: edits per context (paper 24; the mini run uses 16 to fit 5 CPU minutes)"})
+    contexts_per_step: int = field(default=8, metadata={"help": "GLOBAL contexts per step; N = contexts_per_step x G must divide by the process count (a group may span processes)"})
     adv_std: str = field(default="population", metadata={"help": "std of the advantage normalisation: population (Flow-GRPO) or sample"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantages clipped to +-adv_clip"})
     clip_range: float = field(default=1e-4, metadata={"help": "ratio clip epsilon (Flow-GRPO ~1e-4 with per-dimension mean log-probs)"})
@@ -126,7 +130,7 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
     # --- evaluation, logging, checkpoints
     eval_split: str = field(default="val", metadata={"help": "held-out split of contexts.jsonl"})
-    eval_contexts: int = field(default=30, metadata={"help": "fixed held-out contexts (the first ones of the split)"})
+    eval_contexts: int = field(default=60, metadata={"help": "fixed held-out contexts (the first ones of the split)"})
     eval_seeds: int = field(default=2, metadata={"help": "fixed seeds per held-out context"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = start and end only)"})
     grid_rows: int = field(default=8, metadata={"help": "held-out contexts shown in each eval grid image"})
@@ -313,15 +317,19 @@ def decode(pipe, latents, R: int) -> list:
 
 
 @torch.no_grad()
-def denoise(tr, pipe, ctx, idx, seeds, sched, trained: list[int], a: float, args: Args, autocast):
+def denoise(tr, pipe, ctx, idx, seeds, sched, trained: list[int], a: float, args: Args, autocast,
+            init_seeds=None):
     """ALGO 1 (rollout): S steps from seeded noise; SDE on the `trained` steps (noise a), ODE
     elsewhere. Returns final latents (n, L, C) and, for the trained steps, x_t (n, K, L, C),
     x_{t-1} (n, K, L, C) and the old log-probs (n, K). Each sample's noise comes from its own
-    generator, so batching never changes it."""
+    generator, so batching never changes it. init_seeds (n,), optional: the starting noise x_T
+    from these seeds instead (the same seed for a group's G samples = a shared start)."""
     sigmas, timesteps = sched
     L, Cc, K = (args.resolution // 16) ** 2, ctx["cond"].shape[-1], len(trained)
     std_k = noise_stds(sigmas, trained, a) if trained else None                  # (K,)
     noise = torch.stack([torch.randn((1 + K, L, Cc), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    if init_seeds is not None:
+        noise[:, 0] = torch.stack([torch.randn((L, Cc), generator=torch.Generator().manual_seed(s)) for s in init_seeds])
     noise = noise.to(ctx["cond"].device)                                        # (n, 1+K, L, C)
     x = noise[:, 0]
     xs, xn, lp = [], [], []
@@ -484,7 +492,8 @@ def main(args: Args) -> dict:
         raise SystemExit("--lora_r and --noise_level must be > 0 (the KL reference is the LoRA-free transformer; "
                          "log-probs need a stochastic sampler)")
     for name, allowed in (("unparseable", ("zero", "exclude")), ("logprob_reduce", ("mean", "sum")),
-                          ("world", ("mini", "none")), ("adv_std", ("population", "sample"))):
+                          ("world", ("mini", "none")), ("adv_std", ("population", "sample")),
+                          ("init_noise", ("sample", "group"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
     set_seed(args.seed)  # same LoRA init everywhere; sampling noise is seeded per sample
@@ -544,7 +553,7 @@ def main(args: Args) -> dict:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("flow_grpo", config={k: v for k, v in vars(args).items()})
 
-    def generate(ctx_rows, seeds, a, tags):
+    def generate(ctx_rows, seeds, a, tags, init_seeds=None):
         """Encode each distinct context once, then denoise its samples in sample_batch chunks."""
         uniq = list(dict.fromkeys(tags))                                        # context keys, in order
         by_key = {k: r for k, r in zip(tags, ctx_rows)}
@@ -555,7 +564,7 @@ def main(args: Args) -> dict:
         for s in range(0, len(seeds), args.sample_batch):
             sl = slice(s, s + args.sample_batch)
             x0, tj = denoise(tr, pipe, ctx, idx[sl], seeds[sl], sched, trained if a > 0 else [], a, args,
-                             accelerator.autocast)
+                             accelerator.autocast, None if init_seeds is None else init_seeds[sl])
             imgs += decode(pipe, x0, R)
             traj.append(tj)
         traj = {k: torch.cat([t[k] for t in traj]) for k in traj[0]} if traj[0] else None
@@ -603,10 +612,11 @@ def main(args: Args) -> dict:
         ks = list(range(rank * n_local, (rank + 1) * n_local))                  # my global sample indices
         my_rows = [train[ctx_ids[k // G]] for k in ks]
         seeds = [sample_seed(args.seed, step, k) for k in ks]
+        init_seeds = None if args.init_noise == "sample" else [sample_seed(args.seed, f"{step}/x_T", k // G) for k in ks]
 
         # 1. rollout: n_local SDE trajectories (the G samples of a context share its encoding)
         tr.eval()
-        imgs, traj, ctx, idx = generate(my_rows, seeds, args.noise_level, [r["id"] for r in my_rows])
+        imgs, traj, ctx, idx = generate(my_rows, seeds, args.noise_level, [r["id"] for r in my_rows], init_seeds)
         t_roll = time.time() - tic
 
         # 2. score: the RRM's verdicts on every edit (None = unparseable: counted, never invented)

@@ -6,6 +6,8 @@ the group's mean reward and sum_i A_i * (log p_after - log p_before) of the batc
 on (> 0 when the update goes the right way). Uses flow_grpo.py's own functions.
 
     python scripts/flow_grpo_probe.py [RUN_DIR] [LR] [G] [UPDATES]     # default runs/mini 3e-3 16 12
+    env: POLICY=<pipeline folder>, CONTEXT=<context id> (default: the first color_alter one),
+         INIT_NOISE=group (the G edits share their starting noise)
 """
 import contextlib
 import os
@@ -23,9 +25,11 @@ run, lr, G, updates = (sys.argv[1:] + ["runs/mini", "3e-3", "16", "12"][len(sys.
 lr, G, updates = float(lr), int(G), int(updates)
 torch.set_num_threads(1)
 torch.manual_seed(0)
-args = F.Args(run_dir=run, reward_backend="mini:truth")
-row = next(r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl"))
-           if r["split"] == "train" and r["principles"] and r.get("category") == "color_alter")
+args = F.Args(run_dir=run, reward_backend="mini:truth", policy=os.environ.get("POLICY", F.Args.policy),
+              init_noise=os.environ.get("INIT_NOISE", "sample"))
+row = next(r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl"))     # CONTEXT=<id> picks one
+           if r["split"] == "train" and r["principles"] and (r["id"] == os.environ["CONTEXT"] if "CONTEXT" in os.environ
+                                                             else r.get("category") == "color_alter"))
 pipe = C.load_edit_pipeline(args.policy)
 pipe.set_progress_bar_config(disable=True)
 pipe.transformer.requires_grad_(False)
@@ -52,7 +56,7 @@ for it in range(updates):
     seeds = list(range(it * 1000, it * 1000 + G))
     with torch.no_grad():
         x0, traj = F.denoise(pipe.transformer, pipe, ctx, idx, seeds, sched, trained, args.noise_level, args,
-                             contextlib.nullcontext)
+                             contextlib.nullcontext, [it] * G if args.init_noise == "group" else None)
     r = np.array([rec["reward"] for rec in judge([row] * G, F.decode(pipe, x0, args.resolution), seeds)])
     adv = torch.tensor(F.group_advantages(r, np.ones(G, bool), G, args)[0], dtype=torch.float32)
     lp = logps(traj)

@@ -142,6 +142,29 @@ def test_first_ratio_is_one_with_a_different_batch_layout(bases, kind):
         assert torch.allclose(sum_lp, logp * 36 * 64, rtol=1e-5)
 
 
+def test_group_init_noise_shares_x_T_only(bases):
+    # --init_noise group: a group's G samples start from one x_T; each transition still draws
+    # its sample's own noise (the same draw as without a shared start)
+    pipe, args = load(bases["kontext"]), targs()
+    rows, srcs, instrs = contexts(bases["run"])
+    ctx = F.encode_contexts(pipe, srcs, instrs, args, "cpu")
+    sched, idx = F.schedule(pipe, 3, 36), torch.tensor([0, 0, 1, 1])
+    std0 = F.noise_stds(sched[0], [0, 1], 0.7)[0]
+
+    def first_noise(init):                                                     # x_T and eps of step 0
+        traj = F.denoise(pipe.transformer, pipe, ctx, idx, [1, 2, 3, 4], sched, [0, 1], 0.7, args,
+                         contextlib.nullcontext, init_seeds=init)[1]
+        x = traj["x"][:, 0]
+        with torch.no_grad():
+            mean, s = F.sde_step(x, F.velocity(pipe.transformer, pipe, x, sched[1][[0] * 4] / 1000, ctx, idx, args),
+                                 sched[0][0], sched[0][1], std0)
+        return x, (traj["x_next"][:, 0] - mean) / s
+    (x_T, eps), (x_own, eps_own) = first_noise([7, 7, 8, 8]), first_noise(None)
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3]) and not torch.equal(x_T[0], x_T[2])
+    assert not torch.equal(x_own[0], x_own[1])
+    assert torch.allclose(eps, eps_own, atol=1e-4) and not torch.allclose(eps[0], eps[1])
+
+
 def test_update_raises_the_advantage_weighted_logprob(bases):
     # the sign of the whole chain (SDE mean -> Gaussian log-prob -> clipped objective -> step):
     # one small step on Eq. E raises sum_i A_i log p(transitions of sample i)
