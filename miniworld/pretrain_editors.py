@@ -39,7 +39,7 @@ images, half of them on the grey background of every world source, and a longer 
 run (held-out true utility 2.6 -> 4.7, Keep pass 0.74 -> 0.87):
     python -m miniworld.pretrain_editors --out_dir miniworld/checkpoints
     python -m miniworld.pretrain_editors --out_dir miniworld/checkpoints --editors kontext \
-        --minutes_vae 12 --minutes_editor 22 --vae_crop 96 --vae_grey_share 0.5
+        --minutes_vae 12 --minutes_editor 22 --vae_crop 96 --vae_grey_share 0.5 --vae_object_weight 4
     python -m miniworld.pretrain_editors --quick --out_dir /tmp/editors_quick   # ~1 minute
     python -m miniworld.pretrain_editors --minutes_vae 10 --minutes_editor 20   # better editors
 The loops are timed, so a busy CPU gets fewer steps, not a longer run. On a GPU the same file
@@ -140,13 +140,13 @@ class Args:
         "help": "GroupNorm groups of the Kontext VAE (0 = keep the base's 8). With 8 channels at full "
                 "resolution, 8 groups is a per-channel instance norm that erases absolute colour; 2 groups "
                 "learned ~2x faster per step here. Rebuilds the (random) base VAE with only this changed"})
-    vae_grey_share: float = field(default=0.6, metadata={
+    vae_grey_share: float = field(default=1 / 3, metadata={
         "help": "share of VAE training renders on the grey background every world SOURCE has (the rest white or "
                 "black, which edits produce). At 1/3 (uniform) the VAE turned green into blue on grey: 0.64 of "
-                "world sources survived its round trip"})
-    vae_object_weight: float = field(default=4.0, metadata={
+                "world sources survived its round trip. Default 1/3 = the first run's"})
+    vae_object_weight: float = field(default=0.0, metadata={
         "help": "extra MSE weight on pixels that differ from the background: the objects, which the "
-                "background's many pixels otherwise outvote (0 = plain MSE)"})
+                "background's many pixels otherwise outvote (0 = plain MSE, as the first run; the Kontext re-make: 4)"})
     vae_eval_images: int = field(default=200, metadata={"help": "held-out renders for the VAE check"})
     # --- which editors
     editors: str = field(default="kontext,qwen_edit", metadata={
