@@ -6,8 +6,8 @@
 # Stages hand over through files in RUN_DIR only (no stage imports another):
 #   1. build_data.py            -> data/ (contexts, candidates, trajectories, SFT sets, pairs)
 #   2. sft_rrm.py  x2           -> sft_rrm/ (Think+Verify), sft_rrm_think_only/ (the ablation)
-#   3. gcpo.py                  -> gcpo_rrm/            | flow_grpo.py -> flow_grpo_sft/ (SFT-RRM reward)
-#   4. flow_grpo.py             -> flow_grpo_gcpo/ (GCPO-RRM reward)
+#   3. gcpo.py -> gcpo_rrm/, then  | flow_grpo.py -> flow_grpo_sft/ (SFT-RRM reward), side by side
+#   4. flow_grpo.py -> flow_grpo_gcpo/ (GCPO-RRM reward)   |
 #   5. evaluate.py              -> eval/ (summary.json, report.md, report.html)
 # Independent stages run side by side, one CPU thread each (this machine has 2 cores).
 # Every stage's full log is in RUN_DIR/logs/<stage>.log; this script prints one line per stage.
@@ -39,13 +39,14 @@ stage sft_think_verify $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" ${SFT_ARGS
 P1=$!
 stage sft_think_only  $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" --sft_set think_only ${SFT_ARGS:-} &
 P2=$!
-wait $P1 && wait $P2
-stage gcpo            $PY gcpo.py --run_dir "$RUN" --seed "$SEED" --model "$RUN/sft_rrm" ${GCPO_ARGS:-} &
+wait $P1 || exit 1; wait $P2 || exit 1
+# core 1: GCPO, then Flow-GRPO with its RRM; core 2 meanwhile: Flow-GRPO with the SFT-RRM
+( stage gcpo          $PY gcpo.py --run_dir "$RUN" --seed "$SEED" --model "$RUN/sft_rrm" ${GCPO_ARGS:-} &&
+  stage flow_grpo_gcpo $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/gcpo_rrm" --output_name flow_grpo_gcpo ${FLOW_ARGS:-} ) &
 P1=$!
 stage flow_grpo_sft   $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/sft_rrm" --output_name flow_grpo_sft ${FLOW_ARGS:-} &
 P2=$!
-wait $P1 && wait $P2
-stage flow_grpo_gcpo  $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/gcpo_rrm" --output_name flow_grpo_gcpo ${FLOW_ARGS:-}
+wait $P1 || exit 1; wait $P2 || exit 1
 stage evaluate        $PY evaluate.py --run_dir "$RUN" --seed "$SEED" ${EVAL_ARGS:-}
 echo "pipeline done in $(( $(date +%s) - T0 )) s"
 cat "$RUN/eval/headline.md" 2>/dev/null || true
