@@ -16,19 +16,37 @@ Task 2 (grounded comparison, spot-the-difference at named places; --compare_shar
 samples):
     user:      "Image A:" <img> "Image B:" <img> "Compare both images at: top left, noise."
     assistant: "top left: red circle -> green circle; noise: none -> noisy."
+Task 3 (yes/no visual questions, --question_share of the samples; 1-3 questions a sample):
+    user:      "Image A:" <img> "Image B:" <img> "Answer yes or no. 1. In image B, is there a
+                red circle at top left? 2. Is the background the same in both images?"
+    assistant: "1. top left: want red circle, see green circle, no. 2. background: A grey, B grey, yes."
+    What an instruction-tuned VLM does when asked "is there a ...?": say what was asked and
+    what it sees, then answer -- in the style the simulated VLM pool (miniworld/sim.py) writes
+    its verification lines, since the pool stands for VLMs of the same kind as the base. It
+    asks about single places, never about an instruction, a list of principles, 0/1 points or
+    a score: mapping principles to places and writing the verification stays SFT's job.
 Image pairs: a world source and a candidate edit of it from the simulated editors (every
 category, every error type, noise independent of correctness), the exact target, or the
 source itself (a no-op, "changed: nothing").
 
-The committed base was made in two runs: 40 minutes of task 1 from a random model, then 30
-minutes of both tasks (70% task 2) continuing from it (--init_from). Measured before task 2:
-SFT taught the format in minutes but the tiny model answered every question "yes" -- it
-described images when asked to describe, yet never looked at a place a question named.
+The committed base was made in four runs, each continuing the previous one (--init_from): 40
+minutes of task 1 from a random model; 30 minutes of tasks 1-2 (70% task 2); 20 minutes of
+all three (20/25/55%) with task 3's answers in an earlier wording ("1. B top left: green
+circle; asked red circle; no."); 12 minutes of all three (20/20/60%) in the present wording. Measured before task 2: SFT taught the format in minutes but the tiny
+model answered every question "yes" -- it described images when asked to describe, yet never
+looked at a place a question named. Measured before task 3: SFT had to learn to *answer* a
+yes/no question (the verdict is "yes" when what is seen equals what is asked) from the
+verification data itself, which took ~500 SFT steps and in 2 seeds of 3 did not happen in
+them; a real Qwen2.5-VL-Instruct answers such questions before any SFT.
 
 Run (2-core CPU, one thread each; what made the committed base):
     python -m miniworld.pretrain_rrm --out_dir /tmp/rrm_task1 --compare_share 0       # 40 min
     python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task1 --out_dir miniworld/checkpoints/rrm_base \
         --minutes 30 --compare_share 0.7 --seed 1                                        # 30 min
+    python -m miniworld.pretrain_rrm --init_from <that base> --out_dir /tmp/rrm_task3 \
+        --minutes 20 --compare_share 0.25 --question_share 0.55 --seed 2                  # 20 min
+    python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task3 --out_dir miniworld/checkpoints/rrm_base \
+        --minutes 12 --compare_share 0.2 --question_share 0.6 --seed 3 --warmup_steps 20  # 12 min
     python -m miniworld.pretrain_rrm --minutes 1 --out_dir /tmp/rrm_quick      # smoke run
 It builds the random base with miniworld.bases (tokenizer trained on the world's texts and
 on this task's texts), trains, evaluates on held-out (test-split) scenes with greedy
@@ -38,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import sys
 import time
@@ -52,6 +71,7 @@ from miniworld import bases, sim, world  # noqa: E402
 
 PROMPT = "Describe both images and what changed."
 COMPARE_PROMPT = "Compare both images at: {places}."
+QUESTION_PROMPT = "Answer yes or no. {questions}"
 
 
 @dataclass
@@ -66,6 +86,7 @@ class Args:
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     compare_share: float = field(default=0.5, metadata={"help": "share of task-2 samples (grounded comparison)"})
+    question_share: float = field(default=0.0, metadata={"help": "share of task-3 samples (yes/no visual questions)"})
     init_from: str = field(default="", metadata={
         "help": "continue from this pretrained base (its tokenizer kept) instead of building a random one"})
 
@@ -124,22 +145,89 @@ def compare_task(a, b, rng) -> tuple[str, str]:
     places += ["background"] if rng.random() < 0.3 else []
     places += ["noise"] if rng.random() < 0.3 else []
     rng.shuffle(places)
-
-    def what(scene, image, place):
-        if place == "background":
-            return scene.background
-        if place == "noise":
-            return "noisy" if world.is_noisy(image) else "none"
-        o = world.object_at(scene, world.cell_from_name(place, world.DEFAULT.grid))
-        return f"{o.color} {o.shape}" if o else "empty"
-    answer = "; ".join(f"{p}: {what(sa, a, p)} -> {what(sb, b, p)}" for p in places) + "."
+    answer = "; ".join(f"{p}: {_seen(sa, a, p)} -> {_seen(sb, b, p)}" for p in places) + "."
     return COMPARE_PROMPT.format(places=", ".join(places)), answer
 
 
-def sample_task(rng, split: str, compare_share: float):
-    """(images, prompt, answer) of task 1 (describe, the default) or task 2 (compare)."""
+def _seen(scene, image, place):
+    """What a perfect observer names at a place: 'red circle' / 'empty', the background
+    colour, or 'noisy' / 'none'."""
+    if place == "background":
+        return scene.background
+    if place == "noise":
+        return "noisy" if world.is_noisy(image) else "none"
+    o = world.object_at(scene, world.cell_from_name(place, world.DEFAULT.grid))
+    return f"{o.color} {o.shape}" if o else "empty"
+
+
+def _other_object(thing, rng):
+    """A plausible wrong guess: the same object with another colour or another shape, or an
+    object where there is none."""
+    if thing == "empty":
+        return f"{rng.choice(list(world.COLORS))} {rng.choice(world.SHAPES)}"
+    color, shape = thing.split(" ")
+    if rng.random() < 0.5:
+        return f"{rng.choice([c for c in world.COLORS if c != color])} {shape}"
+    return f"{color} {rng.choice([s for s in world.SHAPES if s != shape])}"
+
+
+def question_task(a, b, rng) -> tuple[str, str]:
+    """Task 3, yes/no visual questions (1-3 per sample), each answered with what is seen
+    first and the verdict last, as an instruction-tuned VLM answers "is there a ...?":
+        "Answer yes or no. 1. In image B, is there a red circle at top left? 2. Is the
+         background the same in both images?"
+        "1. B top left: green circle; asked red circle; no. 2. background: A grey, B grey; yes."
+    Generic VQA about one image or both; no principles, points or scores. Half the questions
+    are true; wrong guesses differ from the truth in one attribute (hard negatives), or are
+    what image A shows there (an edit that was not made)."""
+    sa, sb = world.perceive(a), world.perceive(b)
+    names = world.cell_names(world.DEFAULT.grid)
+    cells = sorted(names)
+    occupied = [names[c] for c in cells if world.object_at(sa, c) or world.object_at(sb, c)]
+    questions, answers = [], []
+    for i in range(int(rng.integers(1, 4))):
+        kind = str(rng.choice(["object", "object", "empty", "same", "same", "background", "bg_same", "noise"]))
+        place = str(rng.choice(occupied)) if occupied and rng.random() < 0.8 else names[cells[rng.integers(len(cells))]]
+        if kind in ("object", "empty"):
+            seen = _seen(sb, b, place)
+            if kind == "empty":
+                asked = "empty"
+                q = f"In image B, is {place} empty?"
+            else:
+                before = _seen(sa, a, place)
+                u = rng.random()
+                asked = seen if u < 0.5 and seen != "empty" else \
+                    before if u < 0.7 and before not in ("empty", seen) else _other_object(seen, rng)
+                q = f"In image B, is there a {asked} at {place}?"
+            ans = f"{place}: want {asked}, see {seen}, {'yes' if asked == seen else 'no'}."
+        elif kind == "same":
+            x, y = _seen(sa, a, place), _seen(sb, b, place)
+            q, ans = f"Is {place} the same in both images?", f"{place}: A {x}, B {y}, {'yes' if x == y else 'no'}."
+        elif kind == "background":
+            seen = sb.background
+            asked = seen if rng.random() < 0.5 else str(rng.choice([c for c in world.BACKGROUNDS if c != seen]))
+            q = f"In image B, is the background {asked}?"
+            ans = f"background: want {asked}, see {seen}, {'yes' if asked == seen else 'no'}."
+        elif kind == "bg_same":
+            q = "Is the background the same in both images?"
+            ans = f"background: A {sa.background}, B {sb.background}, {'yes' if sa.background == sb.background else 'no'}."
+        else:
+            seen = _seen(sb, b, "noise")
+            q, ans = "Is image B free of noise?", f"noise: want none, see {seen}, {'yes' if seen == 'none' else 'no'}."
+        questions.append(f"{i + 1}. {q}")
+        answers.append(f"{i + 1}. {ans}")
+    return QUESTION_PROMPT.format(questions=" ".join(questions)), " ".join(answers)
+
+
+def sample_task(rng, split: str, compare_share: float, question_share: float = 0.0):
+    """(images, prompt, answer) of task 1 (describe, the default), task 2 (compare) or
+    task 3 (yes/no questions)."""
     a, b = sample_pair(rng, split)
-    if rng.random() < compare_share:
+    u = rng.random()
+    if u < question_share:
+        prompt, answer = question_task(a, b, rng)
+        return [a, b], prompt, answer
+    if u < question_share + compare_share:
         prompt, answer = compare_task(a, b, rng)
         return [a, b], prompt, answer
     return [a, b], PROMPT, target_text(a, b)
@@ -171,6 +259,17 @@ def corpus_for_tokenizer(seed: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 2. eval
+def greedy_answers(model, processor, pairs, tasks, max_new_tokens: int = 64):
+    """[(wanted answer, greedy answer)] for (prompt, answer) tasks on image pairs."""
+    out = []
+    for s in range(0, len(pairs), 16):
+        chunk, tchunk = pairs[s:s + 16], tasks[s:s + 16]
+        batch = common.encode_prompts(processor, [messages(p) for p, _ in tchunk], [list(x) for x in chunk])
+        gen = common.generate_n(model, processor, batch, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        out += [(want, texts[0]) for (_, want), texts in zip(tchunk, gen["texts"])]
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, processor, n_pairs: int, seed: int) -> dict:
     """Greedy descriptions of held-out pairs. Object accuracy: of the objects in each
@@ -197,20 +296,23 @@ def evaluate(model, processor, n_pairs: int, seed: int) -> dict:
             change_ok += lines.get("changed", "").rstrip(".") == describe_change(a, b)
     # task 2: each "place: A -> B" item exactly right
     item_hit = item_total = 0
-    tasks = [compare_task(a, b, rng) for a, b in pairs]
-    for s in range(0, n_pairs, 16):
-        chunk, tchunk = pairs[s:s + 16], tasks[s:s + 16]
-        batch = common.encode_prompts(processor, [messages(p) for p, _ in tchunk], [list(x) for x in chunk])
-        gen = common.generate_n(model, processor, batch, n=1, temperature=0.0, max_new_tokens=64)
-        for (_, want), texts in zip(tchunk, gen["texts"]):
-            got = set(texts[0].strip().rstrip(".").split("; "))
-            for item in want.rstrip(".").split("; "):
-                item_total += 1
-                item_hit += item in got
+    for want, got in greedy_answers(model, processor, pairs, [compare_task(a, b, rng) for a, b in pairs]):
+        got = set(got.strip().rstrip(".").split("; "))
+        for item in want.rstrip(".").split("; "):
+            item_total += 1
+            item_hit += item in got
+    # task 3: each numbered answer's final yes/no right
+    verdict_hit = verdict_total = 0
+    verdicts = lambda t: re.findall(r"(\d+)\. [^.]*, (yes|no)\.", t)  # noqa: E731
+    for want, got in greedy_answers(model, processor, pairs, [question_task(a, b, rng) for a, b in pairs]):
+        got = dict(verdicts(got))
+        for num, v in verdicts(want):
+            verdict_total += 1
+            verdict_hit += got.get(num) == v
     model.train()
     return {"object_accuracy": obj_hit / max(obj_total, 1), "change_accuracy": change_ok / n_pairs,
             "exact_match": exact / n_pairs, "compare_item_accuracy": item_hit / max(item_total, 1),
-            "pairs": n_pairs}
+            "question_accuracy": verdict_hit / max(verdict_total, 1), "pairs": n_pairs}
 
 
 # ----------------------------------------------------------------------------- 3. train
@@ -235,7 +337,7 @@ def main(args: Args) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        tasks = [sample_task(rng, "train", args.compare_share) for _ in range(args.batch_size)]
+        tasks = [sample_task(rng, "train", args.compare_share, args.question_share) for _ in range(args.batch_size)]
         prompts = common.encode_prompts(processor, [messages(p) for _, p, _ in tasks], [im for im, _, _ in tasks])
         ids, mask = common.tokenize_completions(processor, [t for _, _, t in tasks])
         logp = common.completion_logprobs(model, prompts, ids, mask)          # (B, T)
