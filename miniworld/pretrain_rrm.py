@@ -32,8 +32,9 @@ source itself (a no-op, "changed: nothing").
 The committed base was made in four runs, each continuing the previous one (--init_from): 40
 minutes of task 1 from a random model; 30 minutes of tasks 1-2 (70% task 2); 20 minutes of
 all three (20/25/55%) with task 3's answers in an earlier wording ("1. B top left: green
-circle; asked red circle; no."); 12 minutes of all three (20/20/60%) in the present wording. Measured before task 2: SFT taught the format in minutes but the tiny
-model answered every question "yes" -- it described images when asked to describe, yet never
+circle; asked red circle; no."); 12 minutes of all three (20/20/60%) in the present wording.
+Measured before task 2: SFT taught the format in minutes but the tiny model answered every
+question "yes" -- it described images when asked to describe, yet never
 looked at a place a question named. Measured before task 3: SFT had to learn to *answer* a
 yes/no question (the verdict is "yes" when what is seen equals what is asked) from the
 verification data itself, which took ~500 SFT steps and in 2 seeds of 3 did not happen in
@@ -41,9 +42,9 @@ them; a real Qwen2.5-VL-Instruct answers such questions before any SFT.
 
 Run (2-core CPU, one thread each; what made the committed base):
     python -m miniworld.pretrain_rrm --out_dir /tmp/rrm_task1 --compare_share 0       # 40 min
-    python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task1 --out_dir miniworld/checkpoints/rrm_base \
+    python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task1 --out_dir /tmp/rrm_task2 \
         --minutes 30 --compare_share 0.7 --seed 1                                        # 30 min
-    python -m miniworld.pretrain_rrm --init_from <that base> --out_dir /tmp/rrm_task3 \
+    python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task2 --out_dir /tmp/rrm_task3 \
         --minutes 20 --compare_share 0.25 --question_share 0.55 --seed 2                  # 20 min
     python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task3 --out_dir miniworld/checkpoints/rrm_base \
         --minutes 12 --compare_share 0.2 --question_share 0.6 --seed 3 --warmup_steps 20  # 12 min
@@ -56,8 +57,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,11 +173,12 @@ def _other_object(thing, rng):
 
 
 def question_task(a, b, rng) -> tuple[str, str]:
-    """Task 3, yes/no visual questions (1-3 per sample), each answered with what is seen
-    first and the verdict last, as an instruction-tuned VLM answers "is there a ...?":
+    """Task 3, yes/no visual questions (1-3 per sample), each answered with what was asked
+    and what is seen first and the verdict last, as an instruction-tuned VLM answers "is
+    there a ...?":
         "Answer yes or no. 1. In image B, is there a red circle at top left? 2. Is the
          background the same in both images?"
-        "1. B top left: green circle; asked red circle; no. 2. background: A grey, B grey; yes."
+        "1. top left: want red circle, see green circle, no. 2. background: A grey, B grey, yes."
     Generic VQA about one image or both; no principles, points or scores. Half the questions
     are true; wrong guesses differ from the truth in one attribute (hard negatives), or are
     what image A shows there (an edit that was not made)."""
