@@ -30,7 +30,7 @@ Run
   python build_data.py                                   # mini world -> runs/mini/data (~1 min CPU)
   python build_data.py --source imgedit:basic_edit.json --image_root ImgEdit/ \\
       --decomposer openai:seed-1.5-vl@https://api.example/v1 \\
-      --editors kontext:black-forest-labs/FLUX.1-Kontext-dev,qwen_edit:Qwen/Qwen-Image-Edit \\
+      --editors kontext:black-forest-labs/FLUX.1-Kontext-dev,qwen_edit:Qwen/Qwen-Image-Edit --edit_steps 28 \\
       --pool openai:qwen2.5-vl-72b@http://localhost:8000/v1,openai:internvl3@http://localhost:8001/v1 \\
       --inspector openai:seed-1.5-vl@https://api.example/v1 --pairs_file human_pairs.jsonl
   (accelerate is not needed here: the heavy parts are servers or editing pipelines.)
@@ -76,8 +76,10 @@ class Args:
     same_margin: float = field(default=0.5, metadata={"help": "mini: utilities closer than this are 'same' (dropped)"})
     hard_filter: str = field(default="", metadata={"help": "optional backend that keeps only 'hard' instructions (answers yes/no)"})
     # --- edit pipelines (kontext/qwen_edit editors)
-    edit_steps: int = field(default=28, metadata={"help": "denoising steps of pipeline editors"})
+    edit_steps: int = field(default=10, metadata={"help": "denoising steps of pipeline editors (mini: 10, as flow_grpo.py samples; FLUX.1-Kontext: 28)"})
     edit_size: int = field(default=0, metadata={"help": "pipeline editors: output side in px (0 = source size)"})
+    edit_batch: int = field(default=8, metadata={"help": "pipeline editors: images per call (sources of one size)"})
+    max_sequence_length: int = field(default=0, metadata={"help": "pipeline editors: Kontext T5 tokens (0 = 24 for --source mini, as the tiny editors were trained and flow_grpo.py samples; 512 otherwise)"})
     chunk: int = field(default=32, metadata={"help": "rows per backend call / write"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -154,19 +156,34 @@ def check_images(rows, args, counters):
 
 
 def make_editor(spec: str, args):
-    """edit(source_image, instruction, seed) -> PIL image, for mini or diffusers editors."""
+    """edit(source_images, instructions, seeds) -> PIL images, for mini or diffusers editors
+    (a batch; every edit has its own seed, so batching does not change any edit)."""
     kind, _, name = spec.partition(":")
     if kind == "mini":
         from miniworld import sim
         if name not in sim.EDITORS:
             raise SystemExit(f"unknown mini editor {name!r}; use one of {list(sim.EDITORS)}")
-        return lambda image, instruction, seed: sim.edit(name, image, instruction, np.random.default_rng(seed))
+        return lambda images, instructions, seeds: [sim.edit(name, im, ins, np.random.default_rng(sd))
+                                                    for im, ins, sd in zip(images, instructions, seeds)]
     if kind in ("kontext", "qwen_edit"):
         pipe = C.load_edit_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
-        # pipeline_edit works on batches (lists of images / instructions, returns a list)
-        return lambda image, instruction, seed: C.pipeline_edit(
-            pipe, [image], [instruction], seed=seed, steps=args.edit_steps, size=args.edit_size or None)[0]
+
+        def edit(images, instructions, seeds):  # batches of --edit_batch images of one size
+            out, groups = [None] * len(images), {}
+            for i, im in enumerate(images):
+                groups.setdefault(im.size, []).append(i)
+            for idx in groups.values():
+                for b in range(0, len(idx), args.edit_batch):
+                    part = idx[b:b + args.edit_batch]
+                    res = C.pipeline_edit(pipe, [images[i] for i in part], [instructions[i] for i in part],
+                                          seed=[seeds[i] for i in part], steps=args.edit_steps,
+                                          size=args.edit_size or None,
+                                          max_sequence_length=args.max_sequence_length or (24 if args.source == "mini" else 512))
+                    for i, r in zip(part, res):
+                        out[i] = r
+            return out
+        return edit
     raise SystemExit(f"unknown editor {spec!r}: use mini:<name>, kontext:<path> or qwen_edit:<path>")
 
 
@@ -222,13 +239,26 @@ def step_edit(contexts, args, paths, img_dir, counters):
     done, _ = C.open_resumable_jsonl(paths["candidates"], "id")
     editors = {spec: make_editor(spec, args) for spec in args.editors.split(",")}
     jobs = [(c, spec) for c in contexts for spec in editors if f"{c['id']}|{spec}" not in done]
-    for c, spec in tqdm(jobs, desc="2 edit", unit="edit"):
-        cid = f"{c['id']}|{spec}"
-        image = editors[spec](C.load_image(c["source"], c["id"]), c["instruction"], seed_of(args.seed, cid))
-        safe = spec.replace(":", "-").replace("/", "_")[-40:]  # readable, plus a hash: no collisions
-        path = os.path.join(img_dir, f"{c['id']}_{safe}_{hashlib.md5(spec.encode()).hexdigest()[:6]}.png")
-        C.save_image_atomic(image, path)  # image first, then the row that points at it
-        C.append_jsonl(paths["candidates"], [{"id": cid, "context_id": c["id"], "editor": spec, "image": path}])
+    bar = tqdm(total=len(jobs), desc="2 edit", unit="edit")
+    # args.chunk jobs at a time; each editor edits its share of a chunk in one batched call;
+    # rows are written in job order (context, then editor), the order the pool reads them in
+    for s in range(0, len(jobs), args.chunk):
+        chunk, images = jobs[s:s + args.chunk], {}
+        for spec, edit in editors.items():
+            mine = [c for c, sp in chunk if sp == spec]
+            if mine:
+                out = edit([C.load_image(c["source"], c["id"]) for c in mine], [c["instruction"] for c in mine],
+                           [seed_of(args.seed, f"{c['id']}|{spec}") for c in mine])
+                images.update({f"{c['id']}|{spec}": im for c, im in zip(mine, out)})
+        rows = []
+        for c, spec in chunk:
+            safe = spec.replace(":", "-").replace("/", "_")[-40:]  # readable, plus a hash: no collisions
+            path = os.path.join(img_dir, f"{c['id']}_{safe}_{hashlib.md5(spec.encode()).hexdigest()[:6]}.png")
+            C.save_image_atomic(images[f"{c['id']}|{spec}"], path)  # images first, then the rows
+            rows.append({"id": f"{c['id']}|{spec}", "context_id": c["id"], "editor": spec, "image": path})
+        C.append_jsonl(paths["candidates"], rows)
+        bar.update(len(chunk))
+    bar.close()
     return C.read_jsonl(paths["candidates"], required=("id", "context_id", "image"))
 
 

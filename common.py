@@ -1402,10 +1402,12 @@ def qwen_edit_prompt_embeds(pipe, prompt: str | list[str], image) -> tuple:
 
 
 @torch.no_grad()
-def pipeline_edit(pipe, images: list, instructions: list[str], seed: int = 0, steps: int = 28,
+def pipeline_edit(pipe, images: list, instructions: list[str], seed: int | list[int] = 0, steps: int = 28,
                   size: int | None = None, guidance_scale: float = 2.5, true_cfg_scale: float = 4.0,
                   max_sequence_length: int = 512) -> list:
-    """Edit a batch with a diffusers editing pipeline; returns PIL images.
+    """Edit a batch with a diffusers editing pipeline; returns PIL images. seed: one int for
+    the batch, or one per image (a generator each: an image's edit then does not depend on
+    which other images share its batch).
 
     Kontext: guidance-distilled (one pass, `guidance_scale` goes into the guidance
     embedding); we stop its ~1 MP auto-resize (max_area, _auto_resize=False) so the output
@@ -1417,7 +1419,8 @@ def pipeline_edit(pipe, images: list, instructions: list[str], seed: int = 0, st
     if size is None:
         h, w = images[0].size[1], images[0].size[0]
     h, w = h // 16 * 16, w // 16 * 16
-    gen = torch.Generator().manual_seed(seed)
+    gen = ([torch.Generator().manual_seed(int(x)) for x in seed] if isinstance(seed, (list, tuple))
+           else torch.Generator().manual_seed(seed))
     kw = dict(image=images, height=h, width=w, num_inference_steps=steps, generator=gen)
     if type(pipe).__name__.startswith("FluxKontext"):
         return pipe(prompt=instructions, max_area=h * w, _auto_resize=False, guidance_scale=guidance_scale,

@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -769,3 +770,24 @@ def test_kontext_and_qwen_edit_editors_in_a_build_data_run(bases, tmp_path):
             src = next(x["source"] for x in rows["contexts"] if x["id"] == c["context_id"])
             assert open(c["image"], "rb").read() != open(src, "rb").read()  # an edit, not a copy
     assert {r["id"] for r in rows["trajectories"]} == {c["id"] for c in rows["candidates"]}
+
+
+def test_pipeline_editor_batches_do_not_change_the_edits(bases, tmp_path):
+    """build_data edits with a pipeline editor in batches (--edit_batch) with one seed per
+    image: each edit equals the one drawn alone with its seed, whatever shares its batch,
+    and sources of different sizes keep their own size."""
+    from miniworld import world
+    ctxs = world.sample_contexts("train", 3, seed=0)
+    images = [c["source_image"] for c in ctxs]
+    images[2] = images[2].resize((64, 64))           # a second size in the same call
+    instructions, seeds = [c["instruction"] for c in ctxs], [11, 22, 33]
+    spec = f"kontext:{bases['kontext_base']}"
+    batched = build_data.make_editor(spec, tiny_args(tmp_path, edit_steps=2, edit_batch=3))
+    alone = build_data.make_editor(spec, tiny_args(tmp_path, edit_steps=2, edit_batch=1))
+    together = batched(images, instructions, seeds)
+    one_by_one = [alone([im], [ins], [sd])[0] for im, ins, sd in zip(images, instructions, seeds)]
+    assert [im.size for im in together] == [(96, 96), (96, 96), (64, 64)]
+    for a, b in zip(together, one_by_one):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2, diff.max()                    # float noise of a batched matmul only
+    assert np.abs(np.asarray(together[0], dtype=np.int16) - np.asarray(together[1], dtype=np.int16)).max() > 2
