@@ -169,3 +169,24 @@ def test_one_vs_two_processes_and_resume(small_sft, tiny_run):
     # the saved model reloads through the Auto classes
     model, processor = C.load_rrm(os.path.join(run, "gcpo_p1"))
     assert model.config.model_type == "qwen2_5_vl"
+
+
+@pytest.mark.slow
+def test_exploration_script_counts_scores_and_samples(small_sft, tiny_run):
+    """scripts/gcpo_exploration.py (README, gcpo section): its counts add up, on the tiny run
+    and the small SFT-RRM, 2 pairs x 2 images x 3 samples at each temperature."""
+    import ast
+    import re
+    out = run_script(["scripts/gcpo_exploration.py", tiny_run["run"], small_sft, "3", "2"]).stdout
+    sets = dict(re.findall(r"SFT set (\w+): (\{.*\})", out))
+    n_rows = {k: len(C.read_jsonl(os.path.join(tiny_run["run"], "data", f"sft_{k}.jsonl"))) for k in sets}
+    assert set(sets) == {"think_verify", "think_only"}
+    for k, v in sets.items():
+        assert sum(ast.literal_eval(v).values()) == n_rows[k], (k, v)
+    temps = re.findall(r"temperature ([\d.]+), N=3: (\{.*\})", out)
+    assert [t for t, _ in temps] == ["0.7", "1.0"], out
+    for _, v in temps:
+        c = ast.literal_eval(v)
+        assert c["prompts"] == 4 and c["samples"] == 12 and 0 <= c["parsed"] <= 12
+        assert c["samples with score != mean rule"] <= c["parsed"]
+        assert c["prompts with >1 score"] <= c["prompts"]
