@@ -19,7 +19,7 @@ signal: it is counted and skipped. A pair's 2N rollouts always live on one proce
 advantages never depend on the number of processes.
 
 Run
-  python gcpo.py                                        # mini world, CPU, ~4.5 min, after sft_rrm.py
+  python gcpo.py                                        # mini world, CPU, ~3 min on 2 threads, after sft_rrm.py
   accelerate launch gcpo.py --model runs/real/sft_rrm --run_dir runs/real --variant full \\
       --n 8 --pairs_per_step 32 --per_device_pairs 4 --lr 1e-6 --max_new_tokens 1024 --bf16 \\
       --gradient_checkpointing                                                   # 1 GPU
@@ -66,7 +66,7 @@ class Args:
     warmup_steps: int = field(default=3, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps (mini: 60 x 4 pairs, ~3.5 min on one thread)"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps (mini: 60 x 4 pairs, ~3 min on one thread)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
