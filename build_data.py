@@ -23,11 +23,11 @@ Editors: mini:<faithful|sloppy|lazy>, kontext:<path or id>, qwen_edit:<path or i
 What it deliberately does not do: invent anything. An unparseable decomposition, verdict or
 inspection is counted (per role and backend, in stats.json) and the row is left out; a
 failed backend call leaves its row unwritten so a rerun retries it. Outputs are appended
-row by row (one write per row) and a rerun skips finished rows, so an interrupted run
-resumes where it stopped.
+--chunk complete rows at a time (one write each) and a rerun skips finished rows, so an
+interrupted run resumes where it stopped.
 
 Run
-  python build_data.py                                   # mini world -> runs/mini/data (~1 min CPU)
+  python build_data.py                                   # mini world -> runs/mini/data (~2 min CPU)
   python build_data.py --source imgedit:basic_edit.json --image_root ImgEdit/ \\
       --decomposer openai:seed-1.5-vl@https://api.example/v1 \\
       --editors kontext:black-forest-labs/FLUX.1-Kontext-dev,qwen_edit:Qwen/Qwen-Image-Edit --edit_steps 28 \\
@@ -78,7 +78,7 @@ class Args:
     # --- edit pipelines (kontext/qwen_edit editors)
     edit_steps: int = field(default=10, metadata={"help": "denoising steps of pipeline editors (mini: 10, as flow_grpo.py samples; FLUX.1-Kontext: 28)"})
     edit_size: int = field(default=0, metadata={"help": "pipeline editors: output side in px (0 = source size)"})
-    edit_batch: int = field(default=8, metadata={"help": "pipeline editors: images per call (sources of one size)"})
+    edit_batch: int = field(default=8, metadata={"help": "pipeline editors: images per call (sources of one size; at most each editor's share of a --chunk of jobs)"})
     max_sequence_length: int = field(default=0, metadata={"help": "pipeline editors: Kontext T5 tokens (0 = 24 for --source mini, as the tiny editors were trained and flow_grpo.py samples; 512 otherwise)"})
     chunk: int = field(default=32, metadata={"help": "rows per backend call / write"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -166,6 +166,8 @@ def make_editor(spec: str, args):
         return lambda images, instructions, seeds: [sim.edit(name, im, ins, np.random.default_rng(sd))
                                                     for im, ins, sd in zip(images, instructions, seeds)]
     if kind in ("kontext", "qwen_edit"):
+        if args.edit_batch < 1:
+            raise SystemExit(f"--edit_batch must be >= 1, got {args.edit_batch}")
         pipe = C.load_edit_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
 

@@ -21,7 +21,7 @@ advantages never depend on the number of processes.
 Run
   python gcpo.py                                        # mini world, CPU, ~3 min on 2 threads, after sft_rrm.py
   accelerate launch gcpo.py --model runs/real/sft_rrm --run_dir runs/real --variant full \\
-      --n 8 --pairs_per_step 32 --per_device_pairs 4 --lr 1e-6 --max_new_tokens 1024 --bf16 \\
+      --n 8 --pairs_per_step 32 --per_device_pairs 4 --lr 1e-6 --steps 500 --max_new_tokens 1024 --bf16 \\
       --gradient_checkpointing                                                   # 1 GPU
   accelerate launch --config_file configs/zero2.yaml gcpo.py ...same flags...    # 8 GPUs
 
@@ -62,11 +62,11 @@ class Args:
     per_device_pairs: int = field(default=4, metadata={"help": "pairs per process per step (rollouts)"})
     micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward in the update"})
     share_prefix: bool = field(default=True, metadata={"help": "encode each prompt (images included) once and share its KV cache across its N samples, in generation and in the update (exact); off = HF generate + full forward"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant after warm-up; mini 2e-5 for 60 steps: +5 test points in 3 seeds where 1e-5 gave +0.4 to +3; at 5e-5 an older SFT-RRM fell from 0.68 to 0.38 val accuracy in 20 steps, at 2e-4 its language collapsed; 7B ~1e-6)"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant after warm-up; mini 2e-5 for 60 steps: +5.0 to +5.6 test points in 3 seeds where 1e-5 gave +0.4 to +4.4; at 5e-5 an older SFT-RRM fell from 0.68 to 0.38 val accuracy in 20 steps, at 2e-4 its language collapsed; 7B ~1e-6)"})
     warmup_steps: int = field(default=3, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps (mini: 60 x 4 pairs, ~3 min on one thread)"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps (mini: 60 x 4 pairs; with both evaluations ~3 min alone on 2 threads, ~4 on one thread beside another job)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})

@@ -4,7 +4,9 @@ GCPO only learns from what the policy samples. In the mini world the SFT-RRM's e
 mostly in its final <score> (its per-principle points are ~96% right), so the question is
 whether its samples ever write a score other than the rule it was taught. Prints:
   1. for each SFT set, how often the target's <score> equals 10 x mean(its points), rounded
-     to 0.5 (the lenient / blind members' rule) -- the rest use the eager member's rule;
+     to 0.5 (the lenient / blind members' rule); is 0 for an edit the member saw change
+     nothing (every member scores a no-op 0); or is another rule (the eager member's
+     Follow-only one);
   2. for the first PAIRS training pairs, N samples per image at each temperature: parse rate,
      prompts whose samples give more than one score / more than one points list, and
      samples whose score differs from the mean of their own points.
@@ -28,13 +30,22 @@ def mean_rule(points: list[int]) -> float:
     return round(10 * sum(points) / len(points) * 2) / 2
 
 
+def bucket(text: str, n_principles: int) -> str:
+    """Which score rule a trajectory follows (the mini pool ends a no-op's reasoning with
+    "nothing changed.")."""
+    parsed = C.parse_rrm_output(text, n_principles)
+    if parsed["status"] != "ok" or not parsed["points"]:
+        return "unparsed"
+    if parsed["score"] == mean_rule(parsed["points"]):
+        return "score = mean rule"
+    return "no-op, score 0" if parsed["score"] == 0 and "nothing changed" in text else "other rule"
+
+
 # 1. the SFT targets
 for name in ("think_verify", "think_only"):
     count = collections.Counter()
     for r in C.read_jsonl(os.path.join(run, "data", f"sft_{name}.jsonl")):
-        p = C.parse_rrm_output(r["target"], len(r["principles"]))
-        count["unparsed" if p["status"] != "ok" or not p["points"] else
-              "score = mean rule" if p["score"] == mean_rule(p["points"]) else "other rule"] += 1
+        count[bucket(r["target"], len(r["principles"]))] += 1
     print(f"SFT set {name}: {dict(count)}")
 
 # 2. the model's own samples (common.generate_shared: what gcpo.py samples with)

@@ -757,10 +757,13 @@ def test_openai_backend_against_transformers_serve(served, tmp_path):
 @pytest.mark.slow
 def test_kontext_and_qwen_edit_editors_in_a_build_data_run(bases, tmp_path):
     editors = [f"kontext:{bases['kontext_base']}", f"qwen_edit:{bases['qwen_edit_base']}", "mini:faithful"]
-    args = tiny_args(tmp_path, n_train=1, n_val=1, n_test=1, editors=",".join(editors), edit_steps=2)
+    args = tiny_args(tmp_path, n_train=1, n_val=1, n_test=1, editors=",".join(editors), edit_steps=2, chunk=2)
     stats = build_data.main(args)
     rows = check_run(args, stats)  # 96 x 96 PNGs, one per (context, editor), through steps 3-5
     assert stats["rows"]["candidates"] == 9
+    # chunks of 2 jobs across 3 editors: rows still in (context, editor) order, the pool's order
+    order = [f"{c['id']}|{e}" for c in rows["contexts"] for e in editors]
+    assert raw_ids(os.path.join(args.run_dir, "data", "candidates.jsonl")) == order
     for spec in editors[:2]:
         mine = [c for c in rows["candidates"] if c["editor"] == spec]
         assert len(mine) == 3
@@ -772,22 +775,25 @@ def test_kontext_and_qwen_edit_editors_in_a_build_data_run(bases, tmp_path):
     assert {r["id"] for r in rows["trajectories"]} == {c["id"] for c in rows["candidates"]}
 
 
-def test_pipeline_editor_batches_do_not_change_the_edits(bases, tmp_path):
+@pytest.mark.parametrize("kind", ["kontext", "qwen_edit"])
+def test_pipeline_editor_batches_do_not_change_the_edits(bases, tmp_path, kind):
     """build_data edits with a pipeline editor in batches (--edit_batch) with one seed per
     image: each edit equals the one drawn alone with its seed, whatever shares its batch,
-    and sources of different sizes keep their own size."""
+    and a source of another size keeps its size and its place in the output."""
     from miniworld import world
-    ctxs = world.sample_contexts("train", 3, seed=0)
+    ctxs = world.sample_contexts("train", 4, seed=0)
     images = [c["source_image"] for c in ctxs]
-    images[2] = images[2].resize((64, 64))           # a second size in the same call
-    instructions, seeds = [c["instruction"] for c in ctxs], [11, 22, 33]
-    spec = f"kontext:{bases['kontext_base']}"
-    batched = build_data.make_editor(spec, tiny_args(tmp_path, edit_steps=2, edit_batch=3))
+    images[1] = images[1].resize((64, 64))           # a second size, not last: order must hold
+    instructions, seeds = [c["instruction"] for c in ctxs], [11, 22, 33, 44]
+    spec = f"{kind}:{bases[kind + '_base']}"
+    batched = build_data.make_editor(spec, tiny_args(tmp_path, edit_steps=2, edit_batch=2))
     alone = build_data.make_editor(spec, tiny_args(tmp_path, edit_steps=2, edit_batch=1))
-    together = batched(images, instructions, seeds)
+    together = batched(images, instructions, seeds)  # 96 px: [0, 2], [3]; 64 px: [1]
     one_by_one = [alone([im], [ins], [sd])[0] for im, ins, sd in zip(images, instructions, seeds)]
-    assert [im.size for im in together] == [(96, 96), (96, 96), (64, 64)]
+    assert [im.size for im in together] == [(96, 96), (64, 64), (96, 96), (96, 96)]
     for a, b in zip(together, one_by_one):
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
         assert diff.max() <= 2, diff.max()                    # float noise of a batched matmul only
-    assert np.abs(np.asarray(together[0], dtype=np.int16) - np.asarray(together[1], dtype=np.int16)).max() > 2
+    assert np.abs(np.asarray(together[0], dtype=np.int16) - np.asarray(together[2], dtype=np.int16)).max() > 2
+    with pytest.raises(SystemExit, match="--edit_batch must be >= 1"):
+        build_data.make_editor(spec, tiny_args(tmp_path, edit_batch=0))

@@ -178,11 +178,17 @@ def test_exploration_script_counts_scores_and_samples(small_sft, tiny_run):
     import ast
     import re
     out = run_script(["scripts/gcpo_exploration.py", tiny_run["run"], small_sft, "3", "2"]).stdout
-    sets = dict(re.findall(r"SFT set (\w+): (\{.*\})", out))
-    n_rows = {k: len(C.read_jsonl(os.path.join(tiny_run["run"], "data", f"sft_{k}.jsonl"))) for k in sets}
+    sets = {k: ast.literal_eval(v) for k, v in re.findall(r"SFT set (\w+): (\{.*\})", out)}
     assert set(sets) == {"think_verify", "think_only"}
-    for k, v in sets.items():
-        assert sum(ast.literal_eval(v).values()) == n_rows[k], (k, v)
+    for k, got in sets.items():  # recount by hand: score vs 10 x mean(points) rounded to 0.5
+        want = {}
+        for r in C.read_jsonl(os.path.join(tiny_run["run"], "data", f"sft_{k}.jsonl")):
+            p = C.parse_rrm_output(r["target"], len(r["principles"]))
+            mean = round(20 * sum(p["points"]) / len(p["points"])) / 2
+            key = ("score = mean rule" if p["score"] == mean else
+                   "no-op, score 0" if p["score"] == 0 and "nothing changed" in r["target"] else "other rule")
+            want[key] = want.get(key, 0) + 1
+        assert got == want, (k, got, want)
     temps = re.findall(r"temperature ([\d.]+), N=3: (\{.*\})", out)
     assert [t for t, _ in temps] == ["0.7", "1.0"], out
     for _, v in temps:
