@@ -170,6 +170,7 @@ def make_editor(spec: str, args):
             raise SystemExit(f"--edit_batch must be >= 1, got {args.edit_batch}")
         pipe = C.load_edit_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
+        text_len = args.max_sequence_length or (24 if args.source == "mini" else 512)
 
         def edit(images, instructions, seeds):  # batches of --edit_batch images of one size
             out, groups = [None] * len(images), {}
@@ -180,8 +181,7 @@ def make_editor(spec: str, args):
                     part = idx[b:b + args.edit_batch]
                     res = C.pipeline_edit(pipe, [images[i] for i in part], [instructions[i] for i in part],
                                           seed=[seeds[i] for i in part], steps=args.edit_steps,
-                                          size=args.edit_size or None,
-                                          max_sequence_length=args.max_sequence_length or (24 if args.source == "mini" else 512))
+                                          size=args.edit_size or None, max_sequence_length=text_len)
                     for i, r in zip(part, res):
                         out[i] = r
             return out
@@ -246,10 +246,11 @@ def step_edit(contexts, args, paths, img_dir, counters):
     # rows are written in job order (context, then editor), the order the pool reads them in
     for s in range(0, len(jobs), args.chunk):
         chunk, images = jobs[s:s + args.chunk], {}
+        sources = {c["id"]: C.load_image(c["source"], c["id"]) for c, _ in chunk}  # once per context
         for spec, edit in editors.items():
             mine = [c for c, sp in chunk if sp == spec]
             if mine:
-                out = edit([C.load_image(c["source"], c["id"]) for c in mine], [c["instruction"] for c in mine],
+                out = edit([sources[c["id"]] for c in mine], [c["instruction"] for c in mine],
                            [seed_of(args.seed, f"{c['id']}|{spec}") for c in mine])
                 images.update({f"{c['id']}|{spec}": im for c, im in zip(mine, out)})
         rows = []
