@@ -29,9 +29,14 @@ Editors (EDITORS; an outcome is drawn per call, then noise independently):
   | faithful |   .80   |       .15       |              |           |         |  .05  |
   | sloppy   |   .35   |       .10       |     .25      |    .30    |         |       |
   | lazy     |   .40   |                 |              |           |   .25   |  .35  |
-  wrong parameter: other colour / shape / background / direction; "remove" recolours instead.
-  wrong object: the same edit on another object (add: another cell). over-edit: the edit
-  plus an unrequested change to an object that must stay (recolour .7, removal .3).
+  wrong parameter: other colour / shape / background / direction; "remove" recolours instead;
+  add and replace draw the right colour in a wrong shape half the time (SHAPE_SHARE), else a
+  wrong colour. wrong object: the same edit on another object (add: another cell). over-edit:
+  the edit plus an unrequested change to an object that must stay (OVER_EDIT: recolour .4,
+  reshape .3, removal .3). Shape errors are there so that a judge trained on these
+  candidates must look at shapes, not only colours and places (session 7: with colour-only
+  errors, the SFT-RRM passed every shape-only failure, and Flow-GRPO's editor learnt to let
+  the shapes it must keep drift, unseen; README, flow_grpo.py section).
   partial: a move copies (the object stays at its old cell too), a replace only recolours;
   other categories fall back to wrong parameter. Every editor adds Gaussian noise
   (config.noise_sigma) with the SAME probability NOISE_PROB = 0.3, independent of the
@@ -107,6 +112,8 @@ EDITORS = {
     "lazy": {"correct": .40, "partial": .25, "noop": .35},
 }
 NOISE_PROB = 0.3  # the same for every editor, drawn independently of the outcome
+SHAPE_SHARE = 0.5  # add / replace with a wrong parameter: a wrong shape (else a wrong colour)
+OVER_EDIT = {"recolour": 0.4, "reshape": 0.3, "remove": 0.3}  # the unrequested change to a kept object
 
 
 def _wrong_param(spec, src, rng, config):
@@ -123,6 +130,11 @@ def _wrong_param(spec, src, rng, config):
     if cat == "subject-remove":  # recolours the object instead of removing it
         old = object_at(src, spec["cell"]).color
         return {**spec, "category": "color_alter", "color": pick(rng, [c for c in COLORS if c != old])}
+    if cat in ("subject-add", "subject-replace") and rng.random() < SHAPE_SHARE:
+        # add, replace: the right colour in a wrong shape (never the old object itself: no no-op)
+        o = object_at(src, spec["cell"]) if cat == "subject-replace" else None
+        shapes = [s for s in SHAPES if s != spec["shape"] and not (o and (s, spec["color"]) == (o.shape, o.color))]
+        return {**spec, "shape": pick(rng, shapes)}
     # colour-alter, add, replace: a wrong colour (never the object's old colour: no no-op)
     old = object_at(src, spec["cell"]).color if cat == "color_alter" else None
     return {**spec, "color": pick(rng, [c for c in COLORS if c not in (spec["color"], old)])}
@@ -168,10 +180,14 @@ def _editor_scene(outcome, spec, src, rng, config):
         o = pick(rng, kept)
         if o is None:
             return done
-        if rng.random() < 0.7:
+        u = rng.random()
+        if u < OVER_EDIT["recolour"]:
             new = Obj(o.shape, pick(rng, [c for c in COLORS if c != o.color]), o.cell)
-            return make_scene(done.background, [new if x.cell == o.cell else x for x in done.objects])
-        return make_scene(done.background, [x for x in done.objects if x.cell != o.cell])
+        elif u < OVER_EDIT["recolour"] + OVER_EDIT["reshape"]:
+            new = Obj(pick(rng, [s for s in SHAPES if s != o.shape]), o.color, o.cell)
+        else:
+            return make_scene(done.background, [x for x in done.objects if x.cell != o.cell])
+        return make_scene(done.background, [new if x.cell == o.cell else x for x in done.objects])
     return done
 
 

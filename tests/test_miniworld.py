@@ -191,6 +191,24 @@ def test_editors_have_distinct_profiles_and_independent_noise(edits):
     assert abs(np.corrcoef(follow, noisy)[0, 1]) < 0.15  # noise says nothing about success
 
 
+def test_editors_make_shape_only_errors(edits):
+    """A judge trained on the candidates must look at shapes: some failed Follow and Keep
+    principles are failed by the shape alone (the right colour at the right place). Without
+    them the SFT-RRM never learnt to check shapes, and Flow-GRPO's editor let kept shapes drift."""
+    why = {"follow": [], "keep": []}
+    for _, ctx, img, gt, _ in edits:
+        seen = perceive(img)
+        for g, p in zip(gt, ctx["principles"]):
+            kind, f = world.parse_question(p["question"])
+            if g or p["category"] not in why or "shape" not in f:
+                continue
+            o = world.object_at(seen, world.cell_from_name(f["pos"], world.DEFAULT.grid))
+            why[p["category"]].append("shape only" if o is not None and o.color == f["color"] else "other")
+    for cat, reasons in why.items():
+        share = reasons.count("shape only") / len(reasons)
+        assert len(reasons) > 40 and 0.1 < share < 0.6, (cat, len(reasons), share)
+
+
 def test_pool_members_show_their_documented_biases(edits):
     rng = np.random.default_rng(3)
     pairs = {(m, cat): [] for m in sim.MEMBERS for cat in ("follow", "keep", "quality")}
@@ -292,3 +310,32 @@ def test_text_corpus_and_grid(tmp_path):
     assert any(json.loads(t)[0]["category"] == "Instruction Following" for t in texts if t.startswith("[{"))
     sim.save_grid(tmp_path / "grid.png", n_rows=1)
     assert Image.open(tmp_path / "grid.png").size[0] > 5 * CFG.size
+
+
+def test_blind_spot_reasons_of_hand_made_failures():
+    """scripts/judge_blind_spots.py sorts failed principles by why they fail (README, #7)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("jbs", "scripts/judge_blind_spots.py")
+    jbs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jbs)
+    ins = "make the red circle yellow"
+    ps = world.principles_for(SRC, ins)
+    cases = {  # edited scene: the reason of each failed principle, in order (by hand)
+        "the kept square drawn as a circle": (_with(SRC, put=[Obj("circle", "yellow", (0, 0)),
+                                                              Obj("circle", "blue", (1, 1))]), ["shape"]),
+        "recoloured to the wrong colour, the triangle recoloured too": (
+            _with(SRC, put=[Obj("circle", "purple", (0, 0)), Obj("triangle", "red", (2, 2))]), ["colour", "colour"]),
+        "the circle made a yellow square": (_with(SRC, put=[Obj("square", "yellow", (0, 0))]), ["shape"]),
+        "the target and the triangle removed": (_with(SRC, drop=[(0, 0), (2, 2)]), ["missing", "missing", "no_others"]),
+        "the square made a red triangle": (_with(SRC, put=[Obj("circle", "yellow", (0, 0)),
+                                                           Obj("triangle", "red", (1, 1))]), ["colour+shape"]),
+    }
+    for name, (scene, want) in cases.items():
+        gt = world.ground_truth(render(SRC), ins, ps, render(scene))
+        got = [jbs.failure_reason(*world.parse_question(p["question"]), perceive(render(scene)))
+               for g, p in zip(gt, ps) if not g]
+        assert got == want, name
+    ps_rm = world.principles_for(SRC, "remove the blue square")
+    gt = world.ground_truth(render(SRC), "remove the blue square", ps_rm, render(SRC))  # a no-op
+    assert [jbs.failure_reason(*world.parse_question(p["question"]), SRC) for g, p in zip(gt, ps_rm) if not g] \
+        == ["still_there"]
