@@ -46,7 +46,7 @@ yes/no question (the verdict is "yes" when what is seen equals what is asked) fr
 verification data itself, which took ~500 SFT steps and in 2 seeds of 3 did not happen in
 them; a real Qwen2.5-VL-Instruct answers such questions before any SFT.
 
-Run (2-core CPU, one thread each; what made the committed base):
+Run (2-core CPU; one thread each but the last; what made the committed base):
     python -m miniworld.pretrain_rrm --out_dir /tmp/rrm_task1 --compare_share 0       # 40 min
     python -m miniworld.pretrain_rrm --init_from /tmp/rrm_task1 --out_dir /tmp/rrm_task2 \
         --minutes 30 --compare_share 0.7 --seed 1                                        # 30 min
@@ -178,7 +178,7 @@ def _other_object(thing, rng, shape_share: float = 0.5):
     if thing == "empty":
         return f"{rng.choice(list(world.COLORS))} {rng.choice(world.SHAPES)}"
     color, shape = thing.split(" ")
-    if rng.random() >= shape_share:
+    if rng.random() < 1 - shape_share:  # (the draws of the earlier runs, at 0.5, unchanged)
         return f"{rng.choice([c for c in world.COLORS if c != color])} {shape}"
     return f"{color} {rng.choice([s for s in world.SHAPES if s != shape])}"
 
@@ -343,7 +343,7 @@ def evaluate(model, processor, n_pairs: int, seed: int) -> dict:
     return {"object_accuracy": obj_hit / max(obj_total, 1), "change_accuracy": change_ok / n_pairs,
             "exact_match": exact / n_pairs, "compare_item_accuracy": item_hit / max(item_total, 1),
             "question_accuracy": verdict_hit / max(verdict_total, 1),
-            **{f"question_accuracy_{k}": float(np.mean(v)) if v else 0.0 for k, v in by_kind.items()},
+            **{f"question_accuracy_{k}": float(np.mean(v)) if v else None for k, v in by_kind.items()},
             "pairs": n_pairs}
 
 

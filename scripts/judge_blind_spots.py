@@ -10,7 +10,8 @@ by *why* it fails, from world.perceive of the edit at the place the principle na
   still_there   an object where none is wanted (removal, motion)
   no_others / bg_now / bg_kept / clean   the principles without a place
 Printed per source: the true utility, and per (category, reason) the count and how often the
-RRM says "yes" anyway. A reason the RRM passes ~always is a blind spot an editor trained on
+RRM says "yes" anyway (edits whose answer has no verdict list of the right length are counted
+apart and left out). A reason the RRM passes ~always is a blind spot an editor trained on
 this RRM can drift into unseen (session 7: every shape-only failure, README flow_grpo.py).
 
     python scripts/judge_blind_spots.py RUN RRM SOURCE [SOURCE ...]
@@ -76,20 +77,24 @@ def main(run: str, rrm: str, sources: list) -> dict:
         items = edits_of(source, run, rows, srcs, seeds, steps)
         outs = C.rrm_score(model, processor, [(s, e, r["instruction"]) for r, s, e in items],
                            [r["principles"] for r, _, _ in items], n=1)
-        table, utility = {}, []
+        table, utility, unparsed = {}, [], 0
         for (r, src, ed), o in zip(items, outs):
-            ps, pts = r["principles"], o[0].get("points") or []
-            gt = W.ground_truth(src, r["instruction"], ps, ed)
+            ps, pts = r["principles"], o[0].get("points")
             utility.append(W.utility(src, r["instruction"], ps, ed))
+            if pts is None or len(pts) != len(ps):  # no verdict list to align with the principles
+                unparsed += 1
+                continue
+            gt = W.ground_truth(src, r["instruction"], ps, ed)
             seen = W.perceive(ed)
-            for i, (g, p) in enumerate(zip(gt, ps)):
+            for g, p, v in zip(gt, ps, pts):
                 why = "pass" if g else failure_reason(*W.parse_question(p["question"]), seen)
                 cell = table.setdefault(f"{p['category']} {why}", [0, 0])
                 cell[0] += 1
-                cell[1] += int(i < len(pts) and pts[i] == 1)
-        report[source] = {"edits": len(items), "utility": float(np.mean(utility)),
+                cell[1] += int(v == 1)
+        report[source] = {"edits": len(items), "unparsed": unparsed, "utility": float(np.mean(utility)),
                           "rrm_yes": {k: (v[0], v[1] / v[0]) for k, v in sorted(table.items())}}
-        print(f"== {source}: {len(items)} edits, true utility {np.mean(utility):.2f}")
+        print(f"== {source}: {len(items)} edits ({unparsed} without one verdict per principle, left out), "
+              f"true utility {np.mean(utility):.2f}")
         for k, (cnt, rate) in report[source]["rrm_yes"].items():
             print(f"   {k:24s} n={cnt:4d}  RRM says yes {rate:.2f}")
     return report

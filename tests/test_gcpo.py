@@ -200,12 +200,12 @@ def test_exploration_script_counts_scores_and_samples(small_sft, tiny_run):
 
 @pytest.mark.slow
 def test_blind_spot_script_counts(small_sft, tiny_run, monkeypatch):
-    """scripts/judge_blind_spots.py (README, flow_grpo section): every principle of every edit
-    lands in one (category, reason) row, and the RRM's yes counts match a recount by hand."""
+    """scripts/judge_blind_spots.py (README, flow_grpo section): its table, recounted here
+    from the RRM's answers and the world's perception with the reasons written out afresh."""
     import importlib.util
     from miniworld import world as W
-    spec = importlib.util.spec_from_file_location("jbs", os.path.join(os.path.dirname(gcpo.__file__),
-                                                                      "scripts", "judge_blind_spots.py"))
+    root = os.path.dirname(os.path.abspath(gcpo.__file__))
+    spec = importlib.util.spec_from_file_location("jbs", os.path.join(root, "scripts", "judge_blind_spots.py"))
     jbs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(jbs)
     monkeypatch.setenv("N_CONTEXTS", "2")
@@ -213,21 +213,40 @@ def test_blind_spot_script_counts(small_sft, tiny_run, monkeypatch):
     monkeypatch.setenv("STEPS", "2")
     run = tiny_run["run"]
     report = jbs.main(run, small_sft, ["candidates", "base"])
-    rows = [r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl")) if r["split"] == "val"][:2]
-    model, proc = C.load_rrm(small_sft)
+    rows = [r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl"))
+            if r["split"] == "val" and r["principles"]][:2]
     srcs = [C.load_image(r["source"]) for r in rows]
-    for source in ("candidates", "base"):  # the 3 mini editors' candidates; one policy edit per context
-        items = jbs.edits_of(source, run, rows, srcs, 1, 2)
+    cands = {c["context_id"]: [] for c in C.read_jsonl(os.path.join(run, "data", "candidates.jsonl"))}
+    for c in C.read_jsonl(os.path.join(run, "data", "candidates.jsonl")):
+        cands[c["context_id"]].append(c["image"])
+    model, proc = C.load_rrm(small_sft)
+    for source in ("candidates", "base"):
+        if source == "candidates":   # every candidate of the 2 contexts, from the file
+            items = [(r, s, C.load_image(p)) for r, s in zip(rows, srcs) for p in cands[r["id"]]]
+        else:                        # one policy edit per context (seed 1000 * 0 + i), 2 steps
+            pipe = C.load_edit_pipeline("miniworld/checkpoints/kontext")
+            pipe.set_progress_bar_config(disable=True)
+            ims = C.pipeline_edit(pipe, srcs, [r["instruction"] for r in rows], seed=[0, 1], steps=2,
+                                  max_sequence_length=24)
+            items = list(zip(rows, srcs, ims))
         got = report[source]
         assert got["edits"] == len(items) == (3 if source == "candidates" else 1) * len(rows)
         outs = C.rrm_score(model, proc, [(s, e, r["instruction"]) for r, s, e in items],
                            [r["principles"] for r, _, _ in items], n=1)
-        n_pass = yes = 0
+        want, unparsed = {}, 0
         for (r, s, e), o in zip(items, outs):
-            gt = W.ground_truth(s, r["instruction"], r["principles"], e)
-            pts = o[0].get("points") or []
-            n_pass += sum(gt)
-            yes += sum(int(i < len(pts) and pts[i] == 1) for i in range(len(gt)))
-        assert sum(n for n, _ in got["rrm_yes"].values()) == sum(len(r["principles"]) for r, _, _ in items)
-        assert sum(n for k, (n, _) in got["rrm_yes"].items() if k.endswith(" pass")) == n_pass
-        assert round(sum(n * rate for n, rate in got["rrm_yes"].values())) == yes
+            pts = o[0].get("points")
+            if pts is None or len(pts) != len(r["principles"]):
+                unparsed += 1
+                continue
+            seen = W.perceive(e)
+            for g, p, v in zip(W.ground_truth(s, r["instruction"], r["principles"], e), r["principles"], pts):
+                kind, f = W.parse_question(p["question"])
+                o_ = W.object_at(seen, W.cell_from_name(f["pos"], 3)) if "pos" in f else None
+                why = ("pass" if g else kind if "pos" not in f else "still_there" if kind == "empty" else
+                       "missing" if o_ is None else "shape" if o_.color == f["color"] else
+                       "colour" if o_.shape == f["shape"] else "colour+shape")
+                n_, y_ = want.get(f"{p['category']} {why}", (0, 0))
+                want[f"{p['category']} {why}"] = (n_ + 1, y_ + int(v == 1))
+        assert got["unparsed"] == unparsed
+        assert {k: (n, round(n * rate)) for k, (n, rate) in got["rrm_yes"].items()} == want, (got, want)

@@ -315,7 +315,9 @@ def test_text_corpus_and_grid(tmp_path):
 def test_blind_spot_reasons_of_hand_made_failures():
     """scripts/judge_blind_spots.py sorts failed principles by why they fail (README, #7)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("jbs", "scripts/judge_blind_spots.py")
+    import os
+    spec = importlib.util.spec_from_file_location("jbs", os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "scripts", "judge_blind_spots.py"))
     jbs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(jbs)
     ins = "make the red circle yellow"
