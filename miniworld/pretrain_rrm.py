@@ -34,8 +34,9 @@ minutes of task 1 from a random model; 30 minutes of tasks 1-2 (70% task 2); 20 
 all three (20/25/55%) with task 3's answers in an earlier wording ("1. B top left: green
 circle; asked red circle; no."); 12 minutes of all three (20/20/60%) in the present wording;
 15 minutes more with 90% of task 3's wrong guesses wrong in the shape (--shape_negatives 0.9,
-session 7). Measured after the fourth run (evaluate()'s question_accuracy_<kind>): it said
-"no" to 100% of the guesses with a wrong colour and to 1% of those with a wrong shape --
+session 7). Measured after the fourth run (evaluate()'s question_accuracy_<kind>, 200 held-out
+pairs): it said "no" to 99.8% of the guesses with a wrong colour and to none of those with a
+wrong shape (after the fifth: 100% and 93%) --
 "want green triangle, see green circle, yes": it saw the shape and ignored it. Every RRM SFT'd
 from it inherited this (a judge that passes every shape-only failure), and Flow-GRPO's editor
 learnt to let the shapes it must keep drift, unseen (README, flow_grpo.py section).
