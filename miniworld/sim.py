@@ -56,10 +56,11 @@ so that its reasoning, points and score agree with each other:
   Temperature T adds random misperception: each object of each image gets a wrong colour
   or shape with p = 0.01 + 0.09*T. The "strict" prompt variant turns each Follow/Keep
   "yes" into "unsure, no" with p = 0.2. Scores are rounded to 0.5.
-  Measured (1200 val edits by the session-6 editors, before their shape errors; T=0, compact
-  prompt; tests/test_miniworld.py re-checks them on today's editors), false-"yes" rate
-  when the truth is "no", lenient / eager / blind: Keep .54 / .10 / .12, Follow .05 / .38 /
-  .07, Quality .04 / .05 / .89; a true "yes" is said "no" < 1% of the time (strict: ~20%).
+  Measured (1200 val edits by today's editors, shape errors included; T=0, compact prompt;
+  session 8; tests/test_miniworld.py re-checks them), false-"yes" rate when the truth is
+  "no", lenient / eager / blind: Keep .42 / .14 / .16, Follow .07 / .38 / .03, Quality
+  .08 / .05 / .90; a true "yes" is said "no" < 1% of the time (strict: ~20%). (Session 6's
+  colour-only editors: Keep .54 / .10 / .12, Follow .05 / .38 / .07, Quality .04 / .05 / .89.)
 Reasoning (verifier): per question, what the member saw at the place the question is about,
 what the question wants there, then the verdict, so the verdict compares two phrases side
 by side:
