@@ -35,7 +35,7 @@ Run
       (or serve the RRM with vLLM and pass --rrms gcpo=openai:gcpo@http://localhost:8000/v1)
   python evaluate.py --run_dir runs/real --world none --pairs_split "" --rrms "" --scalar_scorer "" \\
       --editor_base black-forest-labs/FLUX.1-Kontext-dev --editor_loras runs/real/flow_grpo_gcpo \\
-      --gedit_bench data/GEdit-Bench --max_contexts 0 --edit_steps 28 --edit_batch 1 --bf16 \\
+      --gedit_bench data/GEdit-Bench --max_contexts 0 --edit_steps 28 --edit_batch 1 --edit_seeds 1 --bf16 \\
       --judge openai:gpt-4.1@https://api.openai.com/v1                            # editor, 1 GPU
   (OPENAI_API_KEY is read from the environment. No accelerate: scoring is inference only.)
 
@@ -96,6 +96,7 @@ class Args:
     judge: str = field(default="mini:judge", metadata={"help": "GEdit-style judge backend (SC and PQ prompts)"})
     edit_steps: int = field(default=10, metadata={"help": "denoising steps (mini: 10, as flow_grpo.py; FLUX.1-Kontext: 28)"})
     edit_batch: int = field(default=8, metadata={"help": "contexts per pipeline call; the noise seed is per call, the same for every editor"})
+    edit_seeds: int = field(default=8, metadata={"help": "edits per context, each from its own starting noise (GEdit-Bench: 1). The mini world's 100 test contexts with one noise draw each moved an editor's mean true utility by up to 0.45 between draws (session 8), more than Flow-GRPO's effect; 8 draws cost ~40 s per editor on CPU"})
     guidance_scale: float = field(default=2.5, metadata={"help": "Kontext guidance embedding"})
     true_cfg_scale: float = field(default=4.0, metadata={"help": "Qwen-Image-Edit true CFG scale"})
     max_sequence_length: int = field(default=0, metadata={"help": "Kontext T5 tokens (0 = 24 for the mini world, 512 otherwise)"})
@@ -493,13 +494,15 @@ def find_editors(args: Args, notes: list) -> list[dict]:
 
 
 def evaluate_editor(pipe, label: str, contexts: list, judge, args: Args, out_dir: str, world) -> tuple:
-    """Edit every context, judge SC/PQ, and in the mini world check the ground truth. Returns
+    """Edit every context (--edit_seeds times, each draw from its own starting noise), judge
+    SC/PQ, and in the mini world check the ground truth. Records are draw-major, so the first
+    len(contexts) are draw 0 in context order. Returns
     (per-sample records, the first grid_rows edits). Edits are saved under <out_dir>/edits/."""
     recs, shown = [], []
-    for s in range(0, len(contexts), args.edit_batch):
+    for k, s in [(k, s) for k in range(args.edit_seeds) for s in range(0, len(contexts), args.edit_batch)]:
         chunk = contexts[s:s + args.edit_batch]
-        srcs = [c["load"]() for c in chunk]
-        edits = C.pipeline_edit(pipe, srcs, [c["instruction"] for c in chunk], seed=args.seed + s, steps=args.edit_steps,
+        srcs = [c["load"]() for c in chunk]  # draw k of every context starts from its own noise seed
+        edits = C.pipeline_edit(pipe, srcs, [c["instruction"] for c in chunk], seed=args.seed + s + 100003 * k, steps=args.edit_steps,
                                 guidance_scale=args.guidance_scale,
                                 true_cfg_scale=args.true_cfg_scale, max_sequence_length=args.max_sequence_length)
         sc = judge([(C.judge_sc_messages(c["instruction"]), [src, ed]) for c, src, ed in zip(chunk, srcs, edits)],
@@ -507,9 +510,10 @@ def evaluate_editor(pipe, label: str, contexts: list, judge, args: Args, out_dir
         pq = judge([(C.judge_pq_messages(), [ed]) for ed in edits], n=1, temperature=0.0, max_tokens=args.vlm_max_tokens)
         for c, src, ed, a, b in zip(chunk, srcs, edits, sc, pq):
             ja, jb = C.parse_judge(a[0]), C.parse_judge(b[0])
-            path = os.path.join(out_dir, "edits", label, hashlib.md5(c["id"].encode()).hexdigest()[:10] + ".png")
+            path = os.path.join(out_dir, "edits", label, hashlib.md5(c["id"].encode()).hexdigest()[:10]
+                                + (f"_{k}" if k else "") + ".png")
             C.save_image_atomic(ed, path)
-            rec = {"id": c["id"], "editor": label, "category": c["category"], "instruction": c["instruction"],
+            rec = {"id": c["id"], "draw": k, "editor": label, "category": c["category"], "instruction": c["instruction"],
                    **C.gedit_scores(ja["scores"], jb["scores"]), "sc_sub": ja["scores"], "pq_sub": jb["scores"],
                    "judge_error": [x["reason"] for x in (ja, jb) if x["status"] != "ok"], "image": path}
             if world is not None and c.get("principles"):
@@ -537,6 +541,11 @@ def truth_summary(recs: list[dict], contexts: dict) -> dict:
         if vals:
             out[f"pass_{cat}"] = sum(vals) / len(vals)
     out["utility"] = sum(r["utility"] for r in recs) / len(recs)
+    per_ctx = {}  # the standard error over contexts of each context's mean over its draws
+    for r in recs:
+        per_ctx.setdefault(r["id"], []).append(r["utility"])
+    means = [sum(v) / len(v) for v in per_ctx.values()]
+    out["utility_se"] = (sum((m - out["utility"]) ** 2 for m in means) / max(len(means) - 1, 1) / len(means)) ** 0.5
     return out
 
 
@@ -847,7 +856,8 @@ def main(args: Args) -> dict:
         if recs and "gt" in recs[0]:
             e["truth"] = truth_summary(recs, {c["id"]: c for c in contexts})
         print(f"[editor {ed['label']}] SC {fmt(e['SC'])} PQ {fmt(e['PQ'])} O {fmt(e['O'])} (judge missing {e['missing']})"
-              + (f"  true utility {e['truth']['utility']:.2f}" if "truth" in e else "") + f"  ({time.time() - tic:.1f}s)")
+              + (f"  true utility {e['truth']['utility']:.2f} (se {e['truth']['utility_se']:.2f}, "
+                 f"{len(contexts)} contexts x {args.edit_seeds} draws)" if "truth" in e else "") + f"  ({time.time() - tic:.1f}s)")
 
     # 5. report: tables (HTML and Markdown from the same rows), grids, curves, JSON
     tables, images = [], []

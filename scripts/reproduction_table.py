@@ -34,7 +34,29 @@ def run_values(run: str) -> dict:
         for c in CATEGORIES:
             cat = [r["utility"] for r in mine if r["category"] == c]
             out[f"util_{ed}_{c}"] = float(np.mean(cat)) if cat else None
+    # 4. the change over the base, paired: every editor edits (context, draw) from the same
+    # starting noise, so the difference per context (mean over its draws) cancels the noise
+    # the editors share; its standard error over contexts says what one run can resolve.
+    base = {(r["id"], r.get("draw", 0)): r["utility"] for r in recs if r["editor"] == "base" and r.get("utility") is not None}
+    out["draws"] = len({r.get("draw", 0) for r in recs})
+    for ed in ("flow_grpo_sft", "flow_grpo_gcpo"):
+        per = {}
+        for r in recs:
+            if r["editor"] == ed and (r["id"], r.get("draw", 0)) in base:
+                per.setdefault(r["id"], []).append(r["utility"] - base[(r["id"], r.get("draw", 0))])
+        d = [float(np.mean(v)) for v in per.values()]
+        out[f"delta_{ed}"] = float(np.mean(d)) if d else None
+        out[f"delta_se_{ed}"] = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
     return out
+
+
+def paired(vals: list, ed: str) -> str:
+    """Each run's paired change over the base with its standard error, then the mean."""
+    v = [(x[f"delta_{ed}"], x[f"delta_se_{ed}"]) for x in vals if x.get(f"delta_{ed}") is not None]
+    if not v:
+        return "-"
+    each = ", ".join(f"{d:+.2f} ± {se:.2f}" if se is not None else f"{d:+.2f}" for d, se in v)
+    return f"{np.mean([d for d, _ in v]):+.2f} ({each})"
 
 
 def cell(values: list) -> str:
@@ -59,7 +81,10 @@ def main(runs: list) -> str:
             f"| mean Flow-GRPO training reward, GCPO-RRM | {col('reward_gcpo')} | lower (stricter) |",
             f"| editor true utility, base (warm-started) | {col('util_base')} | GEdit O 5.77 |",
             f"| editor true utility, Flow-GRPO with SFT-RRM | {col('util_flow_grpo_sft')} | 6.20 |",
-            f"| editor true utility, Flow-GRPO with GCPO-RRM | {col('util_flow_grpo_gcpo')} | 6.24 |", "",
+            f"| editor true utility, Flow-GRPO with GCPO-RRM | {col('util_flow_grpo_gcpo')} | 6.24 |",
+            f"| change over the base, SFT-RRM (paired; each run ± its se over contexts) | {paired(vals, 'flow_grpo_sft')} | +0.43 |",
+            f"| change over the base, GCPO-RRM (paired) | {paired(vals, 'flow_grpo_gcpo')} | +0.47 |",
+            f"| edits per test context (starting noises) | {', '.join(str(v['draws']) for v in vals)} | - |", "",
             "| category: true utility | base | Flow-GRPO, SFT-RRM | Flow-GRPO, GCPO-RRM |", "|---|---|---|---|"]
     for c in CATEGORIES:
         rows.append(f"| {c} | " + " | ".join(col(f"util_{ed}_{c}") for ed in ("base", "flow_grpo_sft", "flow_grpo_gcpo"))

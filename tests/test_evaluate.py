@@ -190,7 +190,8 @@ def world_run(tiny_run, tmp_path_factory):
 def test_mini_run_writes_the_report(world_run, tmp_path):
     out = str(tmp_path / "eval")
     s = E.main(E.Args(run_dir=world_run["run"], out_dir=out, rrms=f"base={world_run['base']},lenient=mini:lenient",
-                      editor_base=world_run["kontext"], editreward_bench=world_run["erb"], max_new_tokens=8, grid_rows=2))
+                      editor_base=world_run["kontext"], editreward_bench=world_run["erb"], max_new_tokens=8, grid_rows=2,
+                      edit_seeds=2))
     for f in ("summary.json", "report.html", "report.md", "grid_pairs.png", "grid_editreward_bench.png", "grid_editors.png",
               "scores_pairs.jsonl", "scores_editreward_bench.jsonl", "editing_samples.jsonl"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -210,6 +211,15 @@ def test_mini_run_writes_the_report(world_run, tmp_path):
     samples = [json.loads(x) for x in open(os.path.join(out, "editing_samples.jsonl"))]
     by = {(r["editor"], r["id"]): open(r["image"], "rb").read() for r in samples}
     assert any(by[("base", i)] != by[("flow_grpo_gcpo", i)] for _, i in by)      # the LoRA was applied
+    # --edit_seeds 2: every context edited twice from different noise, both draws kept and counted
+    base_recs = [r for r in samples if r["editor"] == "base"]
+    ids = [r["id"] for r in base_recs]
+    assert [r["draw"] for r in base_recs] == [0] * (len(ids) // 2) + [1] * (len(ids) // 2) and ids[:len(ids) // 2] == ids[len(ids) // 2:]
+    assert eds["base"]["samples"] == len(ids) and len(set(r["image"] for r in base_recs)) == len(ids)
+    assert any(open(a["image"], "rb").read() != open(b["image"], "rb").read()
+               for a, b in zip(base_recs[:len(ids) // 2], base_recs[len(ids) // 2:]))
+    t = eds["base"]["truth"]
+    assert t["utility"] == pytest.approx(sum(r["utility"] for r in base_recs) / len(ids)) and t["utility_se"] >= 0
     assert s["curves"] == {"sft_rrm": ["train/loss"]}
     page = open(os.path.join(out, "report.html")).read()
     assert page.count("<svg") == 1 and page.count("data:image/png;base64,") == 3 and "82.2" not in page
@@ -218,7 +228,8 @@ def test_mini_run_writes_the_report(world_run, tmp_path):
 
 def test_gedit_bench_run_with_the_lora_editor(world_run, tmp_path):
     s = E.main(E.Args(run_dir=world_run["run"], out_dir=str(tmp_path / "eval"), world="none", rrms="", scalar_scorer="",
-                      pairs_split="", editor_base=world_run["kontext"], gedit_bench=world_run["gedit"], max_contexts=2))
+                      pairs_split="", editor_base=world_run["kontext"], gedit_bench=world_run["gedit"], max_contexts=2,
+                      edit_seeds=1))
     assert "GEdit-Bench (en, 2 of 3 rows)" in s["editing"]["source"] and s["args"]["max_sequence_length"] == 512
     for e in s["editing"]["editors"].values():
         assert e["samples"] == 2 and "truth" not in e and e["SC"] is not None

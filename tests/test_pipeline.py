@@ -20,7 +20,7 @@ SMALL = {
                  "--report_to none",
     "FLOW_ARGS": "--steps 1 --contexts_per_step 1 --group_size 2 --num_steps 3 --eval_contexts 1 --eval_seeds 1 "
                  "--rrm_max_new_tokens 8 --report_to none",
-    "EVAL_ARGS": "--max_pairs 3 --max_contexts 2 --max_new_tokens 8 --edit_steps 3",
+    "EVAL_ARGS": "--max_pairs 3 --max_contexts 2 --max_new_tokens 8 --edit_steps 3 --edit_seeds 2",
 }
 
 
@@ -64,3 +64,5 @@ def test_the_pipeline_chains_every_stage(tmp_path):
                            env=ENV, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "| RRM pairwise accuracy, + GCPO (%) |" in table.stdout and "| motion_change |" in table.stdout
+    assert "| change over the base, GCPO-RRM (paired) |" in table.stdout
+    assert "| edits per test context (starting noises) | 2 |" in table.stdout  # EVAL_ARGS --edit_seeds 2

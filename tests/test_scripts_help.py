@@ -20,3 +20,25 @@ def test_every_script_has_help():
     assert out.returncode == 0, out.stderr
     for s in SCRIPTS:
         assert f"usage: {s}" in out.stdout
+
+
+def test_reproduction_table_pairs_editors_by_context_and_draw(tmp_path):
+    """scripts/reproduction_table.py: the change over the base is paired by (context, draw) and
+    averaged per context before its standard error (hand computation on 2 contexts x 2 draws)."""
+    import json
+    import math
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import reproduction_table as RT
+    os.makedirs(tmp_path / "eval")
+    json.dump({"rrm": {"pairs": {}}}, open(tmp_path / "eval" / "summary.json", "w"))
+    u = {"base": {("a", 0): 4, ("a", 1): 6, ("b", 0): 2, ("b", 1): 8},
+         "flow_grpo_gcpo": {("a", 0): 5, ("a", 1): 9, ("b", 0): 2, ("b", 1): 6}}
+    with open(tmp_path / "eval" / "editing_samples.jsonl", "w") as f:
+        for ed, by in u.items():
+            for (i, k), v in by.items():
+                f.write(json.dumps({"editor": ed, "id": i, "draw": k, "category": "subject-add", "utility": v}) + "\n")
+    v = RT.run_values(str(tmp_path))
+    # per context: a (1 + 3) / 2 = 2, b (0 - 2) / 2 = -1; mean 0.5; se = std([2, -1], ddof 1) / sqrt 2 = 1.5
+    assert v["draws"] == 2 and v["util_base"] == 5 and v["util_flow_grpo_gcpo"] == 5.5
+    assert v["delta_flow_grpo_gcpo"] == 0.5 and math.isclose(v["delta_se_flow_grpo_gcpo"], 1.5)
+    assert v["delta_flow_grpo_sft"] is None and RT.paired([v], "flow_grpo_gcpo") == "+0.50 (+0.50 ± 1.50)"
