@@ -58,6 +58,7 @@ class Args:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower (ViT + merger) as pretrained; only the language model learns"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model's linear layers (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU runs)"})
@@ -147,6 +148,8 @@ def main(args: Args) -> dict:
 
     # 2. model: Auto classes; LoRA (peft) optional
     model, processor = C.load_rrm(args.model)
+    if args.freeze_vision:  # the base already sees; SFT then only teaches the language side
+        model.model.visual.requires_grad_(False)
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(

@@ -97,3 +97,16 @@ def test_missing_sft_set_is_a_clear_error(tiny_run, tmp_path):
     args = sft_rrm.Args(model=tiny_run["base"], run_dir=str(tmp_path), report_to="none")
     with pytest.raises(C.DataError, match="sft_think_verify.jsonl: file not found"):
         sft_rrm.main(args)
+
+
+def test_freeze_vision_trains_the_language_side_only(tiny_run):
+    """--freeze_vision: the saved vision tower equals the base's, the language model moved."""
+    sft_rrm.main(sft_rrm.Args(model=tiny_run["base"], run_dir=tiny_run["run"], output_name="sft_fv", report_to="none",
+                              freeze_vision=True, max_steps=2, batch_size=8, per_device_batch_size=8,
+                              eval_max_pairs=2, max_new_tokens=8))
+    base, _ = C.load_rrm(tiny_run["base"])
+    tuned, _ = C.load_rrm(os.path.join(tiny_run["run"], "sft_fv"))
+    b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    vis = [k for k in b if ".visual." in f".{k}"]
+    assert vis and all(torch.equal(b[k], t[k]) for k in vis)
+    assert any(not torch.equal(b[k], t[k]) for k in b if "language_model" in k)
