@@ -47,6 +47,7 @@ class Args:
     sft_set: str = field(default="think_verify", metadata={"help": "think_verify (the paper's T+V) or think_only (T)"})
     output_name: str = field(default="", metadata={"help": "output subfolder (default sft_rrm or sft_rrm_think_only)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording (common.VERIFY_SYSTEMS); mini: compact, real: full"})
+    mix_data: str = field(default="", metadata={"help": "optional JSONL of generic rows {id, messages (chat with image placeholders), images, answer} mixed into the training rows (replay of the base's own tasks, as VLM SFT mixes keep generic VQA)"})
     max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; longer samples stop the run with their id"})
     # --- optimisation
     epochs: float = field(default=1.78, metadata={"help": "passes over the SFT set (mini: 4500 rows x 1.78 / 16 = 500 steps; at 247 steps the tiny RRM still answers 'yes' to nearly everything, see README)"})
@@ -103,10 +104,13 @@ def batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -> list[
 def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
     """NLL of the target completions, mean over each sequence's tokens, then over sequences.
     Returns (loss, number of completion tokens)."""
-    msgs = [C.verify_messages(r["instruction"], r["principles"], variant) for r in rows]
-    images = [[C.load_image(r["source"], r["id"]), C.load_image(r["edited"], r["id"])] for r in rows]
+    # an SFT row is verified against its principles; a --mix_data row carries its own chat
+    msgs = [r["messages"] if "messages" in r else C.verify_messages(r["instruction"], r["principles"], variant)
+            for r in rows]
+    images = [[C.load_image(p, r["id"]) for p in r["images"]] if "messages" in r else
+              [C.load_image(r["source"], r["id"]), C.load_image(r["edited"], r["id"])] for r in rows]
     prompts = C.encode_prompts(processor, msgs, images)                       # (B, L)
-    ids, mask = C.tokenize_completions(processor, [r["target"] for r in rows])  # (B, T)
+    ids, mask = C.tokenize_completions(processor, [r.get("target", r.get("answer")) for r in rows])  # (B, T)
     lengths = prompts["attention_mask"].sum(1) + mask.sum(1)
     if int(lengths.max()) > max_length:  # never cut inside image tokens: stop and say which
         i = int(lengths.argmax())
@@ -139,6 +143,8 @@ def main(args: Args) -> dict:
     rows = [r for r in C.read_jsonl(os.path.join(data_dir, f"sft_{args.sft_set}.jsonl"),
                                     required=("id", "source", "edited", "instruction", "principles", "target"))
             if r.get("split", "train") == "train"]
+    if args.mix_data:  # generic rows join the permutation: their share is their count's
+        rows += C.read_jsonl(args.mix_data, required=("id", "messages", "images", "answer"))
     if len(rows) < args.batch_size:
         raise C.DataError(f"only {len(rows)} training rows in sft_{args.sft_set}.jsonl, fewer than "
                           f"--batch_size {args.batch_size}; build more data or lower the batch")

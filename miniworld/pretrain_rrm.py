@@ -100,6 +100,9 @@ class Args:
     question_share: float = field(default=0.0, metadata={"help": "share of task-3 samples (yes/no visual questions)"})
     shape_negatives: float = field(default=0.5, metadata={
         "help": "task 3: share of wrong guesses about an object that get its shape wrong (else its colour)"})
+    export_questions: str = field(default="", metadata={
+        "help": "instead of training: write --export_n task-3 rows for sft_rrm.py --mix_data to this folder"})
+    export_n: int = field(default=400, metadata={"help": "rows --export_questions writes"})
     init_from: str = field(default="", metadata={
         "help": "continue from this pretrained base (its tokenizer kept) instead of building a random one"})
 
@@ -397,6 +400,33 @@ def main(args: Args) -> dict:
     return summary
 
 
+def export_questions(out_dir: str, n: int, seed: int = 123, shape_share: float = 0.9) -> str:
+    """Task 3 (yes/no questions) on n train-split pairs as generic chat rows for
+    `sft_rrm.py --mix_data` -- {id, messages (image placeholders), images (PNG paths), answer}
+    -- so an SFT run can replay what the base was pretrained on. Returns the JSONL path.
+
+        python -m miniworld.pretrain_rrm --export_questions runs/mini/replay --export_n 400 \\
+            --seed 123 --shape_negatives 0.9"""
+    rng, rows = np.random.default_rng(seed), []
+    for i in range(n):
+        a, b = sample_pair(rng, "train")
+        prompt, answer = question_task(a, b, rng, shape_share)
+        paths = [os.path.join(out_dir, "images", f"q{i:05d}_{k}.png") for k in "ab"]
+        for img, path in zip((a, b), paths):
+            common.save_image_atomic(img, path)
+        rows.append({"id": f"question-{i}", "messages": messages(prompt), "images": paths, "answer": answer})
+    path = os.path.join(out_dir, "questions.jsonl")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)  # readers never see half a file
+    return path
+
+
 if __name__ == "__main__":
     from transformers import HfArgumentParser
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    cli = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    if cli.export_questions:
+        print(export_questions(cli.export_questions, cli.export_n, cli.seed, cli.shape_negatives))
+    else:
+        main(cli)

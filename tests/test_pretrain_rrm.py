@@ -63,3 +63,19 @@ def test_question_task_answers_are_the_world_truth():
                 asked, seen = facts[0].split(": want ")[1], facts[1].removeprefix("see ")
                 assert verdict == ("yes" if seen == asked else "no"), (q, item)
     assert 0.3 < verdicts.count("yes") / len(verdicts) < 0.7
+
+
+def test_exported_questions_are_mix_data_rows(tmp_path):
+    """--export_questions writes task-3 rows that sft_rrm.py --mix_data reads: two images on
+    disk, a chat with two image placeholders, the answer in the base's wording; reproducible."""
+    from miniworld import pretrain_rrm as PR
+    path = PR.export_questions(str(tmp_path / "q"), 4, seed=5)
+    rows = C.read_jsonl(path, required=("id", "messages", "images", "answer"))
+    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+    for r in rows:
+        parts = r["messages"][0]["content"]
+        assert sum(p["type"] == "image" for p in parts) == 2 and len(r["images"]) == 2
+        assert all(os.path.getsize(p) > 0 for p in r["images"])
+        assert parts[-1]["text"].startswith("Answer yes or no.") and r["answer"].endswith(("yes.", "no."))
+    again = C.read_jsonl(PR.export_questions(str(tmp_path / "q2"), 4, seed=5))
+    assert [r["answer"] for r in again] == [r["answer"] for r in rows]

@@ -110,3 +110,22 @@ def test_freeze_vision_trains_the_language_side_only(tiny_run):
     vis = [k for k in b if ".visual." in f".{k}"]
     assert vis and all(torch.equal(b[k], t[k]) for k in vis)
     assert any(not torch.equal(b[k], t[k]) for k in b if "language_model" in k)
+
+
+def test_mix_data_rows_carry_their_own_chat(tiny_run, tmp_path):
+    """--mix_data: a generic row {messages, images, answer} is encoded and masked exactly like
+    an SFT row with the same chat, images and completion; a malformed one names its line."""
+    model, processor = C.load_rrm(tiny_run["base"])
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:2]
+    mixed = [{"id": f"mix-{i}", "messages": C.verify_messages(r["instruction"], r["principles"], "compact"),
+              "images": [r["source"], r["edited"]], "answer": r["target"]} for i, r in enumerate(rows)]
+    with torch.no_grad():
+        a, n_a = sft_rrm.sft_loss(model, processor, rows, "compact", 1024)
+        b, n_b = sft_rrm.sft_loss(model, processor, mixed, "compact", 1024)
+        c, _ = sft_rrm.sft_loss(model, processor, [rows[0], mixed[1]], "compact", 1024)  # both kinds in one batch
+    assert n_a == n_b and torch.allclose(a, b) and torch.allclose(a, c, atol=1e-6)
+    bad = tmp_path / "mix.jsonl"
+    bad.write_text(json.dumps(mixed[0]) + "\n" + json.dumps({"id": "x", "messages": []}) + "\n")
+    with pytest.raises(C.DataError, match=r"mix.jsonl line 2: missing field"):
+        sft_rrm.main(sft_rrm.Args(model=tiny_run["base"], run_dir=tiny_run["run"], output_name="sft_mix",
+                                  report_to="none", mix_data=str(bad)))
