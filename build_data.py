@@ -352,10 +352,7 @@ def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
         if best is not None:
             tv.append({**base, "target": tr[best]["text"], "trajectory": best})
     for name, rows in (("sft_think_verify", tv), ("sft_think_only", t_only)):
-        tmp = paths[name] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, paths[name])  # derived files: rewritten whole, atomically
+        C.write_jsonl_atomic(paths[name], rows)  # derived files: rewritten whole, atomically
     return tv, t_only
 
 
@@ -399,10 +396,7 @@ def step_pairs(cands, ctx_by_id, args, paths, counters):
         out[ctx["split"]].append({"id": f"pair-{k}", **p, "source": ctx["source"], "instruction": ctx["instruction"],
                                   "principles": ctx["principles"], "category": ctx.get("category", "")})
     for split, rows in out.items():
-        tmp = paths[f"pairs_{split}"] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, paths[f"pairs_{split}"])
+        C.write_jsonl_atomic(paths[f"pairs_{split}"], rows)
     return out
 
 

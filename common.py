@@ -853,6 +853,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    """Write a whole JSONL file via a temp file + os.replace (for derived files rewritten whole)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 def save_image_atomic(image, path: str) -> None:
     """Save a PIL image via a temp file + os.replace."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -416,10 +416,7 @@ def export_questions(out_dir: str, n: int, seed: int = 123, shape_share: float =
             common.save_image_atomic(img, path)
         rows.append({"id": f"question-{i}", "messages": messages(prompt), "images": paths, "answer": answer})
     path = os.path.join(out_dir, "questions.jsonl")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)  # readers never see half a file
+    common.write_jsonl_atomic(path, rows)
     return path
 
 
