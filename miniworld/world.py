@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, wraps
 
 import numpy as np
@@ -98,6 +98,10 @@ class Obj:
     shape: str
     color: str
     cell: tuple  # (row, col)
+    # perceive(): other shapes the pixels fit almost as well (IoU within SHAPE_TOL of the
+    # best), e.g. a drawn circle with squarish sides; empty on the world's own renders.
+    # Not part of equality: two scenes are equal if their best readings are.
+    also: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,14 @@ def add_noise(image: Image.Image, sigma: float, rng: np.random.Generator) -> Ima
 # =========================================================================================
 FG_DIST = 60.0     # a (denoised) pixel this far (RGB L2) from the background is foreground
 MIN_FILL = 0.12    # a cell holds an object if this share of its pixels is foreground
+# A drawn object whose best two shape templates fit within this IoU of each other is
+# ambiguous: ground truth accepts either reading (Obj.also). Session 9, 400 edits of the
+# base Kontext editor: of 47 kept objects read as another shape, 30 had margins of
+# 0.01-0.07 (circles drawn with squarish sides after a background change, which look like
+# circles), the other 17 margins of 0.12-0.48 (real reshapes: a square drawn as a
+# triangle). The world's renders, clean or noisy, have margins above 0.2 (a disc vs its
+# square: IoU 0.78), so its own candidates never are ambiguous (tests/test_miniworld.py).
+SHAPE_TOL = 0.08
 _COLOR_NAMES, _COLOR_RGB = list(COLORS), np.array(list(COLORS.values()), np.float32)
 _BG_NAMES, _BG_RGB = list(BACKGROUNDS), np.array(list(BACKGROUNDS.values()), np.float32)
 
@@ -227,7 +239,7 @@ def perceive(image: Image.Image, config: WorldConfig = DEFAULT) -> Scene:
        touch it);
     3. per cell: foreground = pixels far from that background colour; an object if enough
        of them; colour = nearest palette colour to their median; shape = the template with
-       the highest IoU."""
+       the highest IoU (shapes within SHAPE_TOL of it go to Obj.also)."""
     a = _world_array(image, config).astype(np.uint16)
     h, k, g = config.size // 2, config.cell // 2, config.grid
     small = ((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4)
@@ -244,8 +256,9 @@ def perceive(image: Image.Image, config: WorldConfig = DEFAULT) -> Scene:
         iou = (f & masks).sum((1, 2)) / (f | masks).sum((1, 2))              # (3,) one per shape
         pix = den[r * k:(r + 1) * k, c * k:(c + 1) * k][f]                   # (n_fg, 3)
         mid = np.partition(pix, len(pix) // 2, axis=0)[len(pix) // 2]        # per-channel median
-        objects.append(Obj(names[int(np.argmax(iou))], _nearest(mid, _COLOR_NAMES, _COLOR_RGB),
-                           (int(r), int(c))))
+        best = int(np.argmax(iou))
+        objects.append(Obj(names[best], _nearest(mid, _COLOR_NAMES, _COLOR_RGB), (int(r), int(c)),
+                           also=tuple(n for i, n in enumerate(names) if i != best and iou[i] >= iou[best] - SHAPE_TOL)))
     return make_scene(_nearest(bg_rgb, _BG_NAMES, _BG_RGB), objects)
 
 
@@ -483,10 +496,10 @@ def check_principles(source: Scene, spec: dict, principles: list, edited: Scene,
         kind, f = parse_question(p["question"], config)
         cell = cell_from_name(f["pos"], grid) if "pos" in f else None
         o = object_at(edited, cell) if cell else None
-        if kind == "recolored":
-            ok = o is not None and (o.shape, o.color) == (f["shape"], f["color"])
-        elif kind in ("has", "moved", "kept"):
-            ok = o is not None and (o.color, o.shape) == (f["color"], f["shape"])
+        # the asked shape is there if it is the best reading or an equally good one (Obj.also)
+        shape_ok = o is not None and (o.shape == f.get("shape") or f.get("shape") in o.also)
+        if kind in ("recolored", "has", "moved", "kept"):
+            ok = shape_ok and o.color == f["color"]
         elif kind == "empty":
             ok = o is None
         elif kind == "bg_now":

@@ -49,6 +49,47 @@ def test_perception_robust_to_the_editors_noise(difficulty):
         assert world.is_noisy(noisy, cfg)
 
 
+def test_world_renders_are_never_ambiguous():
+    """Obj.also (shapes within world.SHAPE_TOL of the best fit) stays empty on the world's
+    own renders, clean or with the editors' noise, so the build_data gold labels, pairs and
+    SFT sets do not depend on it (only drawn edits can be ambiguous)."""
+    cfg, rng = world.make_config("medium"), np.random.default_rng(3)
+    for _ in range(300):
+        scene = world.sample_scene(rng, cfg, backgrounds=tuple(world.BACKGROUNDS))
+        for img in (render(scene, cfg), world.add_noise(render(scene, cfg), cfg.noise_sigma, rng)):
+            assert all(o.also == () for o in perceive(img, cfg).objects)
+
+
+def _draw_superellipse(p: float, color: str = "green", bg: str = "white"):
+    """A scene image with a hand-drawn shape at the centre: |x|^p + |y|^p <= R^p, the size
+    of the world's circle (p = 2 is its disc; p ~ 3 the squarish circles the tiny Kontext
+    editor draws after a background change; p -> inf its square)."""
+    img = np.array(render(make_scene(bg, [Obj("triangle", "red", (0, 0))]), CFG))
+    k = CFG.cell
+    y, x = np.mgrid[0:k, 0:k] + 0.5
+    R = k / 2 - k // 8
+    img[k:2 * k, k:2 * k][np.abs(x - k / 2) ** p + np.abs(y - k / 2) ** p <= R ** p] = world.COLORS[color]
+    return Image.fromarray(img)
+
+
+def test_an_ambiguous_drawing_satisfies_either_reading():
+    src = make_scene("grey", [Obj("triangle", "red", (0, 0)), Obj("circle", "green", (1, 1))])
+    ins = "change the background to white"
+    ps = world.principles_for(src, ins)
+    assert ps[2] == {"question": "Is the green circle at center unchanged?", "category": "keep"}
+    # 1. a squarish circle: the square template fits a little better, the circle almost as well
+    o = world.object_at(perceive(_draw_superellipse(3)), (1, 1))
+    assert (o.shape, o.also) == ("square", ("circle",))
+    assert world.ground_truth(render(src), ins, ps, _draw_superellipse(3)) == [1, 1, 1, 1, 1]
+    q = [{"question": "Is there a green square at center?", "category": "follow"}]
+    assert world.ground_truth(render(src), ins, q, _draw_superellipse(3)) == [1]
+    # 2. a square in all but its corners is a reshaped circle: Keep fails (utility 10 - 5)
+    o = world.object_at(perceive(_draw_superellipse(5)), (1, 1))
+    assert (o.shape, o.also) == ("square", ())
+    assert world.ground_truth(render(src), ins, ps, _draw_superellipse(5)) == [1, 1, 0, 1, 1]
+    assert world.utility(render(src), ins, ps, _draw_superellipse(5)) == 5.0
+
+
 def test_describe_and_positions():
     scene = make_scene("grey", [Obj("square", "blue", (1, 1)), Obj("circle", "red", (0, 0))])
     assert world.describe(scene) == "grey background; red circle at top left; blue square at center"
