@@ -47,7 +47,7 @@ Not done here: full fine-tuning (the KL reference is the LoRA-free model), EMA, 
 distillation, the RRM's own training (gcpo.py).
 
 Run
-  python flow_grpo.py            # mini world, CPU, ~5 min, after gcpo.py (runs/mini/gcpo_rrm)
+  python flow_grpo.py            # mini world, CPU, ~4.5 min on 2 threads, after gcpo.py (runs/mini/gcpo_rrm)
   accelerate launch flow_grpo.py --policy black-forest-labs/FLUX.1-Kontext-dev --run_dir runs/real \\
       --reward_model runs/real/gcpo_rrm --world none --variant full --rrm_max_new_tokens 1024 \\
       --resolution 512 --max_sequence_length 512 --group_size 24 --contexts_per_step 2 --train_steps 0:-1 \\

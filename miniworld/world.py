@@ -98,10 +98,16 @@ class Obj:
     shape: str
     color: str
     cell: tuple  # (row, col)
-    # perceive(): other shapes the pixels fit almost as well (IoU within SHAPE_TOL of the
-    # best), e.g. a drawn circle with squarish sides; empty on the world's own renders.
-    # Not part of equality: two scenes are equal if their best readings are.
-    also: tuple = field(default=(), compare=False, repr=False)
+    # perceive(): ((shape, IoU of its template), ...) for every shape; () for scenes built
+    # by hand. Not part of equality: two scenes are equal if their best readings are.
+    fit: tuple = field(default=(), compare=False, repr=False)
+
+    @property
+    def also(self) -> tuple:
+        """Other shapes the pixels fit almost as well as self.shape (IoU within SHAPE_TOL),
+        e.g. a drawn circle with squarish sides; () on the world's own renders."""
+        best = dict(self.fit).get(self.shape, 1.0)
+        return tuple(s for s, v in self.fit if s != self.shape and v >= best - SHAPE_TOL)
 
 
 @dataclass(frozen=True)
@@ -256,9 +262,8 @@ def perceive(image: Image.Image, config: WorldConfig = DEFAULT) -> Scene:
         iou = (f & masks).sum((1, 2)) / (f | masks).sum((1, 2))              # (3,) one per shape
         pix = den[r * k:(r + 1) * k, c * k:(c + 1) * k][f]                   # (n_fg, 3)
         mid = np.partition(pix, len(pix) // 2, axis=0)[len(pix) // 2]        # per-channel median
-        best = int(np.argmax(iou))
-        objects.append(Obj(names[best], _nearest(mid, _COLOR_NAMES, _COLOR_RGB), (int(r), int(c)),
-                           also=tuple(n for i, n in enumerate(names) if i != best and iou[i] >= iou[best] - SHAPE_TOL)))
+        objects.append(Obj(names[int(np.argmax(iou))], _nearest(mid, _COLOR_NAMES, _COLOR_RGB), (int(r), int(c)),
+                           fit=tuple((n, float(v)) for n, v in zip(names, iou))))
     return make_scene(_nearest(bg_rgb, _BG_NAMES, _BG_RGB), objects)
 
 

@@ -378,6 +378,11 @@ def test_blind_spot_reasons_of_hand_made_failures():
         got = [jbs.failure_reason(*world.parse_question(p["question"]), perceive(render(scene)))
                for g, p in zip(gt, ps) if not g]
         assert got == want, name
+    # a passed principle is set apart when only an ambiguous drawing passes it (session 9)
+    src = make_scene("grey", [Obj("triangle", "red", (0, 0)), Obj("circle", "green", (1, 1))])
+    q = "Is the green circle at center unchanged?"
+    assert jbs.ambiguous(q, perceive(_draw_superellipse(3)))
+    assert not jbs.ambiguous(q, perceive(_draw_superellipse(2))) and not jbs.ambiguous(q, perceive(render(src)))
     ps_rm = world.principles_for(SRC, "remove the blue square")
     gt = world.ground_truth(render(SRC), "remove the blue square", ps_rm, render(SRC))  # a no-op
     assert [jbs.failure_reason(*world.parse_question(p["question"]), SRC) for g, p in zip(gt, ps_rm) if not g] \

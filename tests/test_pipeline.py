@@ -27,9 +27,12 @@ SMALL = {
 @pytest.mark.slow
 def test_the_pipeline_chains_every_stage(tmp_path):
     run = str(tmp_path / "run")
-    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mini_pipeline.sh"), run, "0"], cwd=ROOT,
+    # --demo adds its demo-scale flags before SMALL's, so SMALL's win (checked below): the run
+    # covers the demo branch and every stage exactly as the full run calls it
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mini_pipeline.sh"), "--demo", run, "0"], cwd=ROOT,
                          env={**ENV, **SMALL, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.startswith("demo scale:") and "(demo scale: not the reproduction table" in out.stdout
     for stage in ("build_data", "sft_think_verify", "sft_think_only", "gcpo", "flow_grpo_sft", "flow_grpo_gcpo",
                   "evaluate"):
         assert f"done   {stage}" in out.stdout, out.stdout
@@ -43,7 +46,9 @@ def test_the_pipeline_chains_every_stage(tmp_path):
     for name in ("sft_rrm", "sft_rrm_think_only"):
         model, processor = C.load_rrm(os.path.join(run, name))
         assert model.config.model_type == "qwen2_5_vl"
-        assert json.load(open(os.path.join(run, name, "summary.json")))["args"]["sft_set"] in ("think_verify", "think_only")
+        args = json.load(open(os.path.join(run, name, "summary.json")))["args"]
+        assert args["sft_set"] in ("think_verify", "think_only")
+        assert (args["max_steps"], args["eval_max_pairs"]) == (2, 2)  # SMALL's flags beat the demo's 100, 60
     # 3. gcpo -> an RRM trained from the SFT one
     summary = json.load(open(os.path.join(run, "gcpo_rrm", "summary.json")))
     assert summary["args"]["model"] == os.path.join(run, "sft_rrm") and len(summary["history"]["train"]) == 1
