@@ -12,9 +12,11 @@ by *why* it fails, from world.perceive of the edit at the place the principle na
 and the passed ones into "pass" and "pass, ambiguous shape" (the drawing fits another shape
 a little better and the asked one within world.SHAPE_TOL; before session 9 these counted as
 shape failures: circles drawn with squarish sides).
-Printed per source: the true utility, and per (category, reason) the count and how often the
-RRM says "yes" anyway (edits whose answer has no verdict list of the right length are counted
-apart and left out). A reason the RRM passes ~always is a blind spot an editor trained on
+Printed per source: the true utility; per (category, reason) the count and how often the
+RRM says "yes" anyway; and, grouped by the RRM's own verdicts ("1 follow, 1 keep" failed), the
+mean score it wrote beside the edits' true utility -- how its score charges each failure
+(session 9: the GCPO-RRM writes 8.3 for one failed Keep, the human gives 2.4). Edits whose
+answer has no verdict list of the right length are counted apart and left out. A reason the RRM passes ~always is a blind spot an editor trained on
 this RRM can drift into unseen (session 7: every shape-only failure, README flow_grpo.py).
 
     python scripts/judge_blind_spots.py RUN RRM SOURCE [SOURCE ...]
@@ -55,6 +57,17 @@ def ambiguous(question: str, edited) -> bool:
     return o is not None and o.shape != f["shape"] and f["shape"] in o.also
 
 
+def verdict_pattern(principles: list, points: list, noop: bool) -> str:
+    """'all pass', '1 follow', '1 follow, 2 keep', ... from the RRM's 0/1 points, plus
+    ' (no-op)' when the edit changed nothing (the human's 0, whatever the verdicts)."""
+    fails = {}
+    for p, v in zip(principles, points):
+        if v == 0:
+            fails[p["category"]] = fails.get(p["category"], 0) + 1
+    key = ", ".join(f"{n} {c}" for c, n in sorted(fails.items())) or "all pass"
+    return key + (" (no-op)" if noop else "")
+
+
 def edits_of(source: str, run: str, rows: list, srcs: list, seeds: int, steps: int) -> list:
     """(context row, source image, edited image) triples from one SOURCE."""
     if source == "candidates":
@@ -88,13 +101,16 @@ def main(run: str, rrm: str, sources: list) -> dict:
         items = edits_of(source, run, rows, srcs, seeds, steps)
         outs = C.rrm_score(model, processor, [(s, e, r["instruction"]) for r, s, e in items],
                            [r["principles"] for r, _, _ in items], n=1)
-        table, utility, unparsed = {}, [], 0
+        table, utility, unparsed, by_verdicts = {}, [], 0, {}
         for (r, src, ed), o in zip(items, outs):
             ps, pts = r["principles"], o[0].get("points")
             utility.append(W.utility(src, r["instruction"], ps, ed))
             if pts is None or len(pts) != len(ps):  # no verdict list to align with the principles
                 unparsed += 1
                 continue
+            if o[0].get("score") is not None:  # the score the RRM wrote, by its own verdicts
+                by_verdicts.setdefault(verdict_pattern(ps, pts, W.perceive(ed) == W.perceive(src)), []).append(
+                    (o[0]["score"], utility[-1]))
             gt = W.ground_truth(src, r["instruction"], ps, ed)
             seen = W.perceive(ed)
             for g, p, v in zip(gt, ps, pts):
@@ -104,11 +120,16 @@ def main(run: str, rrm: str, sources: list) -> dict:
                 cell[0] += 1
                 cell[1] += int(v == 1)
         report[source] = {"edits": len(items), "unparsed": unparsed, "utility": float(np.mean(utility)),
-                          "rrm_yes": {k: (v[0], v[1] / v[0]) for k, v in sorted(table.items())}}
+                          "rrm_yes": {k: (v[0], v[1] / v[0]) for k, v in sorted(table.items())},
+                          "score_by_verdicts": {k: (len(v), float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v])))
+                                                for k, v in sorted(by_verdicts.items(), key=lambda kv: -len(kv[1]))}}
         print(f"== {source}: {len(items)} edits ({unparsed} without one verdict per principle, left out), "
               f"true utility {np.mean(utility):.2f}")
         for k, (cnt, rate) in report[source]["rrm_yes"].items():
             print(f"   {k:24s} n={cnt:4d}  RRM says yes {rate:.2f}")
+        print("   the RRM's own verdicts -> the score it wrote, beside the true utility of those edits:")
+        for k, (cnt, score, util) in report[source]["score_by_verdicts"].items():
+            print(f"   {k:36s} n={cnt:4d}  RRM score {score:5.2f}  true utility {util:5.2f}")
     return report
 
 

@@ -212,6 +212,18 @@ def test_blind_spot_script_counts(small_sft, tiny_run, monkeypatch):
     monkeypatch.setenv("SEEDS", "1")
     monkeypatch.setenv("STEPS", "2")
     run = tiny_run["run"]
+
+    def verdicts(model, processor, requests, principles_list, n=1, **kw):
+        """The tiny SFT model's answers rarely parse, which would leave the tables empty:
+        well-formed answers instead, varied by request and principle (the same on every call),
+        the last request's unparseable."""
+        out = []
+        for k, ((_, _, ins), ps) in enumerate(zip(requests, principles_list)):
+            pts = [(len(ins) + j * k + k) % 3 > 0 for j in range(len(ps))]
+            text = C.format_rrm_output("", [int(v) for v in pts], max(0.0, 10.0 * sum(pts) / len(pts) - k % 2))
+            out.append([dict(C.parse_rrm_output(text if k < len(requests) - 1 else "no", len(ps)), text=text)])
+        return out
+    monkeypatch.setattr(C, "rrm_score", verdicts)
     report = jbs.main(run, small_sft, ["candidates", "base"])
     rows = [r for r in C.read_jsonl(os.path.join(run, "data", "contexts.jsonl"))
             if r["split"] == "val" and r["principles"]][:2]
@@ -233,12 +245,17 @@ def test_blind_spot_script_counts(small_sft, tiny_run, monkeypatch):
         assert got["edits"] == len(items) == (3 if source == "candidates" else 1) * len(rows)
         outs = C.rrm_score(model, proc, [(s, e, r["instruction"]) for r, s, e in items],
                            [r["principles"] for r, _, _ in items], n=1)
-        want, unparsed = {}, 0
+        want, unparsed, scores = {}, 0, {}
         for (r, s, e), o in zip(items, outs):
             pts = o[0].get("points")
             if pts is None or len(pts) != len(r["principles"]):
                 unparsed += 1
                 continue
+            if o[0].get("score") is not None:  # the score table, keyed by the failed categories by hand
+                failed = [p["category"] for p, v in zip(r["principles"], pts) if v == 0]
+                key = ", ".join(f"{failed.count(c)} {c}" for c in ("follow", "keep", "quality") if c in failed)
+                key = (key or "all pass") + (" (no-op)" if W.perceive(e) == W.perceive(s) else "")
+                scores.setdefault(key, []).append((o[0]["score"], W.utility(s, r["instruction"], r["principles"], e)))
             seen = W.perceive(e)
             for g, p, v in zip(W.ground_truth(s, r["instruction"], r["principles"], e), r["principles"], pts):
                 kind, f = W.parse_question(p["question"])
@@ -252,5 +269,8 @@ def test_blind_spot_script_counts(small_sft, tiny_run, monkeypatch):
                        "colour" if o_.shape == f["shape"] else "colour+shape")
                 n_, y_ = want.get(f"{p['category']} {why}", (0, 0))
                 want[f"{p['category']} {why}"] = (n_ + 1, y_ + int(v == 1))
-        assert got["unparsed"] == unparsed
+        assert got["unparsed"] == unparsed == 1 and len(got["score_by_verdicts"]) >= (4 if source == "candidates" else 1)
         assert {k: (n, round(n * rate)) for k, (n, rate) in got["rrm_yes"].items()} == want, (got, want)
+        assert {k: (n, round(sc, 6), round(u, 6)) for k, (n, sc, u) in got["score_by_verdicts"].items()} == \
+            {k: (len(v), round(sum(a for a, _ in v) / len(v), 6), round(sum(b for _, b in v) / len(v), 6))
+             for k, v in scores.items()}
