@@ -15,9 +15,10 @@ shape failures: circles drawn with squarish sides).
 Printed per source: the true utility; per (category, reason) the count and how often the
 RRM says "yes" anyway; and, grouped by the RRM's own verdicts ("1 follow, 1 keep" failed), the
 mean score it wrote beside the edits' true utility -- how its score charges each failure
-(session 9: the GCPO-RRM writes 8.3 for one failed Keep, the human gives 2.4). Edits whose
-answer has no verdict list of the right length are counted apart and left out. A reason the RRM passes ~always is a blind spot an editor trained on
-this RRM can drift into unseen (session 7: every shape-only failure, README flow_grpo.py).
+(session 9: the GCPO-RRM writes 8.2 for one failed Keep, the edits' true utility is 3.4).
+Edits whose answer has no verdict list of the right length are counted apart and left out.
+A reason the RRM passes ~always is a blind spot an editor trained on this RRM can drift into
+unseen (session 7: every shape-only failure, README flow_grpo.py).
 
     python scripts/judge_blind_spots.py RUN RRM SOURCE [SOURCE ...]
       SOURCE: candidates      the world editors' candidates of those contexts (data/candidates.jsonl)
@@ -108,11 +109,11 @@ def main(run: str, rrm: str, sources: list) -> dict:
             if pts is None or len(pts) != len(ps):  # no verdict list to align with the principles
                 unparsed += 1
                 continue
-            if o[0].get("score") is not None:  # the score the RRM wrote, by its own verdicts
-                by_verdicts.setdefault(verdict_pattern(ps, pts, W.perceive(ed) == W.perceive(src)), []).append(
-                    (o[0]["score"], utility[-1]))
             gt = W.ground_truth(src, r["instruction"], ps, ed)
             seen = W.perceive(ed)
+            if o[0].get("score") is not None:  # the score the RRM wrote, by its own verdicts
+                by_verdicts.setdefault(verdict_pattern(ps, pts, seen == W.perceive(src)), []).append(
+                    (o[0]["score"], utility[-1]))
             for g, p, v in zip(gt, ps, pts):
                 why = ("pass" if not ambiguous(p["question"], seen) else "pass, ambiguous shape") if g else \
                     failure_reason(*W.parse_question(p["question"]), seen)
