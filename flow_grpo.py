@@ -481,6 +481,11 @@ def save_grid(path: str, rows: list, sources: list, edits: list, recs: list, see
 # =========================================================================================
 def main(args: Args) -> dict:
     out_dir = os.path.join(args.run_dir, args.output_name)
+    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
+    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
+    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
+    # and math attention were clean, so training never uses it. No effect on CPU.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
     W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -671,9 +676,14 @@ def main(args: Args) -> dict:
                         if epoch == 0 and mb_i == 0:
                             stats["ratio_dev_first"].append(float((ratio.detach() - 1).abs().max()))
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                opt.step()
+                if torch.isfinite(grad_norm):   # the norm is of the all-reduced gradient: every process agrees
+                    opt.step()
+                    n_updates += 1
+                else:  # one NaN/inf gradient would turn the LoRA, and every later edit, into NaN
+                    counters["nonfinite_grad_skipped"] = counters.get("nonfinite_grad_skipped", 0) + 1
+                    accelerator.print(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}), update skipped "
+                                      f"(counted in summary.json counters; try without --bf16 to see if it is precision)")
                 opt.zero_grad(set_to_none=True)
-                n_updates += 1
 
         # 5. log / eval / checkpoint (all numbers gathered over processes)
         all_recs = [r for part in gather_object([recs]) for r in part]
@@ -719,7 +729,7 @@ def main(args: Args) -> dict:
             "eval_start": history["eval"][0], "eval_final": final, "history": history, "counters": counters,
             "minutes": round((time.time() - t0) / 60, 2), "args": vars(args)})
     accelerator.end_training()
-    return {"start": history["eval"][0], "final": final, "history": history}
+    return {"start": history["eval"][0], "final": final, "history": history, "counters": counters}
 
 
 if __name__ == "__main__":

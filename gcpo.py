@@ -115,6 +115,11 @@ def pair_advantages(scores: list[list], n: int, policy: str):
 # =========================================================================================
 def main(args: Args) -> dict:
     out_dir = os.path.join(args.run_dir, args.output_name)
+    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
+    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
+    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
+    # and math attention were clean, so training never uses it. No effect on CPU.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
     W, rank = accelerator.num_processes, accelerator.process_index
@@ -248,7 +253,7 @@ def main(args: Args) -> dict:
             opt.zero_grad(set_to_none=True)
 
         # 5. log / eval / checkpoint (all numbers gathered over processes)
-        lengths = mask.sum(1).float()
+        lengths = mask.sum(1).float().cpu()                                          # adv lives on the CPU
         valid = [s for row in scores for s in row if s is not None]
         local_log = {"reward": float(np.mean(valid)) if valid else 0.0, "parse_rate": len(valid) / S,
                      "win_ratio": float(np.mean(rew)), "zero_adv_pairs": 1 - float(np.mean(live)),

@@ -129,6 +129,11 @@ def main(args: Args) -> dict:
                                                               else f"sft_rrm_{args.sft_set}"))
     # INFRA: one Accelerator; gradient accumulation is ours (global batch = processes x
     # per-device batch x accumulation), so the data order does not depend on the layout.
+    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
+    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
+    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
+    # and math attention were clean, so training never uses it. No effect on CPU.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
     P, rank = accelerator.num_processes, accelerator.process_index

@@ -305,6 +305,20 @@ def test_qwen_edit_run_with_the_in_process_rrm(bases):
     assert os.path.exists(os.path.join(bases["run"], "fg_qwen", "pytorch_lora_weights.safetensors"))
 
 
+def test_nonfinite_gradient_skips_the_update(bases, monkeypatch):
+    # cuDNN's bf16 attention backward gave NaN LoRA gradients on an H200 (README, GPU check):
+    # one such step must not reach the LoRA. A NaN objective stands in for the kernel here.
+    real = F.clipped_objective
+    monkeypatch.setattr(F, "clipped_objective", lambda *a, **k: (lambda pg, r: (pg * float("nan"), r))(*real(*a, **k)))
+    out = in_process(run_args(bases, "fg_nan", steps=1))
+    t = out["history"]["train"][0]
+    assert t["train/zero_var_groups"] < 1                     # there was something to learn ...
+    assert out["counters"]["nonfinite_grad_skipped"] == 2     # ... and both minibatch updates were refused
+    lora = lora_of(bases, "fg_nan")
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert all(float(v.abs().max()) == 0.0 for k, v in lora.items() if "lora_B" in k)   # B still 0: untouched
+
+
 @pytest.mark.slow
 def test_one_vs_two_processes_and_resume(bases):
     # The rewards come from the simulated verifier, seeded per edit, so they depend on the
