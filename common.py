@@ -495,10 +495,12 @@ def parse_judge(text: Any) -> dict:
 # D. Reward math
 # =========================================================================================
 DEFAULT_WEIGHTS = {"follow": 0.5, "keep": 0.3, "quality": 0.2}
+DEFAULT_COSTS = {"follow": 4.0, "keep": 5.0, "quality": 2.0}   # points lost per failed principle
 
 
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
                     weights: dict | None = None) -> float | None:
+    # weights: per-category weights ("weighted") or costs ("deductions"); None = the defaults
     """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
 
     mode="holistic" (default, the paper's reward): the number inside <score>.
@@ -506,20 +508,37 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
       categories present. The paper mentions a "weighted aggregate of principle outcomes"
       without weights; ours default to follow 0.5, keep 0.3, quality 0.2 (DEFAULT_WEIGHTS).
       Needs one point per principle, else None.
+    mode="deductions": METHOD's "deductions follow how costly a re-edit would be", from the
+      0/1 points: 10 - sum of a cost per failed principle (DEFAULT_COSTS: an unrequested change,
+      a failed Keep, costs 5, more than an unmet Follow, 4; Quality 2), clipped to 0..10; and 0
+      when no Follow point is met (nothing requested was done; METHOD: "a no-op scores 0").
+      Unlike "weighted", every failed Keep costs the same however many Keep points there are.
+      The costs are the mini world's human utility's (miniworld/world.py); on real data set
+      them from how your raters weigh failures. Needs one point per principle, else None.
 
     >>> ps = [{"question": "a", "category": "follow"}, {"question": "b", "category": "keep"},
     ...       {"question": "c", "category": "keep"}, {"question": "d", "category": "quality"}]
     >>> parsed = parse_rrm_output(format_rrm_output("", [1, 1, 0, 1], 6.0))
     >>> aggregate_score(parsed), aggregate_score(parsed, ps, "weighted")   # 10*(.5*1+.3*.5+.2*1)
     (6.0, 8.5)
+    >>> aggregate_score(parsed, ps, "deductions")                           # 10 - 5 (one Keep)
+    5.0
+    >>> aggregate_score(parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 6.0)), ps, "deductions")
+    0.0
     """
     if mode == "holistic":
         return parsed["score"] if parsed["status"] == "ok" else None
-    if mode != "weighted":
-        raise ValueError(f"unknown aggregation mode {mode!r} (use 'holistic' or 'weighted')")
+    if mode not in ("weighted", "deductions"):
+        raise ValueError(f"unknown aggregation mode {mode!r} (use 'holistic', 'weighted' or 'deductions')")
     pts = parsed.get("points")
     if principles is None or pts is None or len(pts) != len(principles):
         return None
+    if mode == "deductions":
+        costs = weights or DEFAULT_COSTS
+        if not any(p for p, pr in zip(pts, principles) if pr["category"] == "follow"):
+            return 0.0
+        lost = sum(costs[pr["category"]] for p, pr in zip(pts, principles) if not p)
+        return float(min(10.0, max(0.0, 10.0 - lost)))
     weights = weights or DEFAULT_WEIGHTS
     num = den = 0.0
     for cat in CATEGORIES:

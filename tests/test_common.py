@@ -217,6 +217,24 @@ def test_weighted_aggregate():
         C.aggregate_score(parsed, ps, "median")
 
 
+def test_deductions_aggregate():
+    # every failed principle costs its category's points, each Keep in full however many there
+    # are (weighted mode would charge one Keep of four 0.3 * 10 / 4); no Follow met -> 0
+    from miniworld import world
+    ps = [{"question": q, "category": c} for q, c in
+          (("a", "follow"), ("b", "keep"), ("c", "keep"), ("d", "keep"), ("e", "keep"), ("f", "quality"))]
+    score = lambda pts: C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", pts, 9.0)), ps, "deductions")
+    assert score([1, 1, 1, 1, 1, 1]) == 10.0
+    assert score([1, 0, 1, 1, 1, 1]) == 5.0 and score([1, 0, 0, 1, 1, 1]) == 0.0
+    assert score([1, 1, 1, 1, 1, 0]) == 8.0
+    assert score([0, 1, 1, 1, 1, 1]) == 0.0                      # nothing requested was done
+    rng = np.random.default_rng(0)                               # = the mini world's utility of these
+    for _ in range(200):                                         # verdicts whenever a Follow is met
+        pts = [1] + rng.integers(0, 2, size=5).tolist()
+        assert score(pts) == world.utility_from_verdicts(pts, ps, noop=False)
+    assert C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", [1, 1], 9.0)), ps, "deductions") is None
+
+
 def test_gedit_scores():
     assert C.gedit_scores([8, 6], [9, 4]) == {"SC": 6.0, "PQ": 4.0, "O": math.sqrt(24)}
     assert C.gedit_scores(None, [9, 4])["O"] is None
