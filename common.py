@@ -510,35 +510,40 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
       Needs one point per principle, else None.
     mode="deductions": METHOD's "deductions follow how costly a re-edit would be", from the
       0/1 points: 10 - sum of a cost per failed principle (DEFAULT_COSTS: an unrequested change,
-      a failed Keep, costs 5, more than an unmet Follow, 4; Quality 2), clipped to 0..10; and 0
-      when no Follow point is met (nothing requested was done; METHOD: "a no-op scores 0").
+      a failed Keep, costs 5, more than an unmet Follow, 4; Quality 2), clipped to 0..10.
       Unlike "weighted", every failed Keep costs the same however many Keep points there are.
-      The costs are the mini world's human utility's (miniworld/world.py); on real data set
-      them from how your raters weigh failures. Needs one point per principle, else None.
+      The points cannot tell a no-op from a missed edit (both fail Follow, pass Keep), so a
+      no-op is NOT 0 here. The costs are the mini world's human utility's (miniworld/world.py);
+      on real data set them from how your raters weigh failures. Needs one point per principle.
+    mode="capped": min(<score>, deductions): the holistic score, never above what the RRM's own
+      verdicts allow. It keeps what only the holistic score knows (a no-op scores 0) and charges
+      every failed Keep in full. Needs a parsed score and one point per principle, else None.
 
     >>> ps = [{"question": "a", "category": "follow"}, {"question": "b", "category": "keep"},
     ...       {"question": "c", "category": "keep"}, {"question": "d", "category": "quality"}]
     >>> parsed = parse_rrm_output(format_rrm_output("", [1, 1, 0, 1], 6.0))
     >>> aggregate_score(parsed), aggregate_score(parsed, ps, "weighted")   # 10*(.5*1+.3*.5+.2*1)
     (6.0, 8.5)
-    >>> aggregate_score(parsed, ps, "deductions")                           # 10 - 5 (one Keep)
-    5.0
-    >>> aggregate_score(parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 6.0)), ps, "deductions")
-    0.0
+    >>> aggregate_score(parsed, ps, "deductions"), aggregate_score(parsed, ps, "capped")   # 10 - 5 (one Keep)
+    (5.0, 5.0)
+    >>> noop = parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 0.5))
+    >>> aggregate_score(noop, ps, "deductions"), aggregate_score(noop, ps, "capped")       # 10 - 4; min(0.5, 6)
+    (6.0, 0.5)
     """
     if mode == "holistic":
         return parsed["score"] if parsed["status"] == "ok" else None
-    if mode not in ("weighted", "deductions"):
-        raise ValueError(f"unknown aggregation mode {mode!r} (use 'holistic', 'weighted' or 'deductions')")
+    if mode not in ("weighted", "deductions", "capped"):
+        raise ValueError(f"unknown aggregation mode {mode!r} (use 'holistic', 'weighted', 'deductions' or 'capped')")
     pts = parsed.get("points")
     if principles is None or pts is None or len(pts) != len(principles):
         return None
-    if mode == "deductions":
+    if mode in ("deductions", "capped"):
         costs = weights or DEFAULT_COSTS
-        if not any(p for p, pr in zip(pts, principles) if pr["category"] == "follow"):
-            return 0.0
         lost = sum(costs[pr["category"]] for p, pr in zip(pts, principles) if not p)
-        return float(min(10.0, max(0.0, 10.0 - lost)))
+        deductions = float(min(10.0, max(0.0, 10.0 - lost)))
+        if mode == "deductions":
+            return deductions
+        return min(parsed["score"], deductions) if parsed["status"] == "ok" else None
     weights = weights or DEFAULT_WEIGHTS
     num = den = 0.0
     for cat in CATEGORIES:

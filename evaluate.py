@@ -428,14 +428,14 @@ def decompose(reqs: list[dict], args: Args, counters: dict) -> int:
 
 
 def rrm_metrics(bench: dict, samples: dict, scalar: bool) -> dict:
-    """Accuracy (holistic Phi and, for RRMs, the weighted and deductions aggregates), ties, unparsed pairs,
+    """Accuracy (holistic Phi and, for RRMs, the weighted, deductions and capped aggregates), ties, unparsed pairs,
     parse counts, and in the mini world the per-principle verification accuracy."""
     pairs, reqs = bench["pairs"], bench["reqs"]
     sc = {m: {k: request_score(v, reqs[k]["principles"], m) for k, v in samples.items()}
-          for m in (("holistic",) if scalar else ("holistic", "weighted", "deductions"))}
+          for m in (("holistic",) if scalar else ("holistic", "weighted", "deductions", "capped"))}
     groups = [p["group"] for p in pairs]
     out = pair_accuracy([sc["holistic"][p["w"]] for p in pairs], [sc["holistic"][p["l"]] for p in pairs], groups)
-    for m in (() if scalar else ("weighted", "deductions")):  # the same verdicts, other score rules
+    for m in (() if scalar else ("weighted", "deductions", "capped")):  # the same verdicts, other score rules
         out[f"accuracy_{m}"] = pair_accuracy([sc[m][p["w"]] for p in pairs], [sc[m][p["l"]] for p in pairs],
                                              groups)["accuracy"]
     dims = sorted({p["dimension"] for p in pairs if p["dimension"]})
@@ -664,10 +664,10 @@ def rrm_tables(b: str, bench: dict, res: dict, args: Args, counters: dict, mini:
     erb = b == "editreward_bench"
     paper = PAPER["editreward_bench" if erb else "pairs"]
     head = (["model", "mean over task types %" if erb else "accuracy %", "all rows %" if erb else "mean over categories %",
-             "weighted-Phi acc. %", "deductions-Phi acc. %", "ties %", "unparsed pairs %", "parse rate %", "mean score"]
+             "weighted-Phi acc. %", "deductions-Phi acc. %", "capped-Phi acc. %", "ties %", "unparsed pairs %", "parse rate %", "mean score"]
             + (["verification acc. F / K / Q %"] if mini else []) + ["paper %"])
     rows = [[lab] + [fmt(m.get(k), True) for k in (("task_mean", "accuracy") if erb else ("accuracy", "task_mean"))
-                     + ("accuracy_weighted", "accuracy_deductions", "ties", "unparsed_pairs", "parse_rate")] + [fmt(m["mean_score"])]
+                     + ("accuracy_weighted", "accuracy_deductions", "accuracy_capped", "ties", "unparsed_pairs", "parse_rate")] + [fmt(m["mean_score"])]
             + ([" / ".join(fmt(m.get("verification_accuracy", {}).get(c), True) for c in C.CATEGORIES)] if mini else [])
             + [paper.get(lab, "-")] for lab, m in res.items()]
     fails = counters.get("decompose/parse_error", 0) + counters.get("decompose/backend_error", 0)
@@ -819,7 +819,8 @@ def main(args: Args) -> dict:
             m = results[b][label] = {"spec": spec, "kind": "scalar" if scalar else "rrm", **rrm_metrics(bench, samples, scalar)}
             shown[b][label] = {k: samples[k][0] if samples[k] else None for p in bench["pairs"][:args.grid_rows] for k in (p["w"], p["l"])}
             print(f"[{label}] {b}: accuracy {m['accuracy']:.3f} (task mean {m['task_mean']:.3f}"
-                  + (f", weighted Phi {m['accuracy_weighted']:.3f}, deductions Phi {m['accuracy_deductions']:.3f}"
+                  + (f", weighted Phi {m['accuracy_weighted']:.3f}, deductions Phi {m['accuracy_deductions']:.3f}, "
+                     f"capped Phi {m['accuracy_capped']:.3f}"
                      if not scalar else "")
                   + f")  parse {m['parse_rate']:.2f}  ties {m['ties']:.2f}  unparsed pairs {m['unparsed_pairs']:.2f}  ({m['pairs']} pairs)")
         del score

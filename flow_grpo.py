@@ -94,7 +94,7 @@ class Args:
     reward_model: str = field(default="runs/mini/gcpo_rrm", metadata={"help": "the RRM (Qwen2.5-VL folder) for --reward_backend inprocess"})
     reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs), mini:<member> (the mini world's simulated verifier, an ablation) or mini:truth (its exact utility: the oracle ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
-    reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted or deductions (common.aggregate_score of the 0/1 points: deductions charges each failed principle a fixed cost, 0 if no Follow is met)"})
+    reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
     rrm_batch_size: int = field(default=128, metadata={"help": "edits per RRM generate call (mini: 128 = one step's 8 x 16 in one call, 8.1 s on 2 CPU threads where 4 calls of 32 take 10.9 s; GPU: what memory allows)"})
     unparseable: str = field(default="exclude", metadata={"help": "an unparseable RRM answer (counted either way): exclude (no part in its group's statistics, advantage 0: the judge failed, not the edit) or zero (reward 0, pushes the editor towards edits the RRM can parse)"})

@@ -219,7 +219,7 @@ def test_weighted_aggregate():
 
 def test_deductions_aggregate():
     # every failed principle costs its category's points, each Keep in full however many there
-    # are (weighted mode would charge one Keep of four 0.3 * 10 / 4); no Follow met -> 0
+    # are (weighted mode would charge one Keep of four 0.3 * 10 / 4); capped = min(<score>, that)
     from miniworld import world
     ps = [{"question": q, "category": c} for q, c in
           (("a", "follow"), ("b", "keep"), ("c", "keep"), ("d", "keep"), ("e", "keep"), ("f", "quality"))]
@@ -227,12 +227,18 @@ def test_deductions_aggregate():
     assert score([1, 1, 1, 1, 1, 1]) == 10.0
     assert score([1, 0, 1, 1, 1, 1]) == 5.0 and score([1, 0, 0, 1, 1, 1]) == 0.0
     assert score([1, 1, 1, 1, 1, 0]) == 8.0
-    assert score([0, 1, 1, 1, 1, 1]) == 0.0                      # nothing requested was done
-    rng = np.random.default_rng(0)                               # = the mini world's utility of these
-    for _ in range(200):                                         # verdicts whenever a Follow is met
-        pts = [1] + rng.integers(0, 2, size=5).tolist()
+    assert score([0, 1, 1, 1, 1, 1]) == 6.0                      # a missed Follow (or a no-op: the points can't tell)
+    rng = np.random.default_rng(0)                               # = the mini world's utility of the
+    for _ in range(200):                                         # same verdicts, for any edit but a no-op
+        pts = rng.integers(0, 2, size=6).tolist()
         assert score(pts) == world.utility_from_verdicts(pts, ps, noop=False)
-    assert C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", [1, 1], 9.0)), ps, "deductions") is None
+    capped = lambda pts, s: C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", pts, s)), ps, "capped")
+    assert capped([1, 0, 1, 1, 1, 1], 8.2) == 5.0                # a generous score is capped by its own verdicts
+    assert capped([0, 1, 1, 1, 1, 1], 1.3) == 1.3                # the score's no-op judgement survives
+    assert capped([1, 1, 1, 1, 1, 1], 9.5) == 9.5
+    for mode in ("deductions", "capped"):
+        assert C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", [1, 1], 9.0)), ps, mode) is None
+    assert C.aggregate_score(C.parse_rrm_output("no score"), ps, "capped") is None
 
 
 def test_gedit_scores():
