@@ -499,25 +499,28 @@ DEFAULT_COSTS = {"follow": 4.0, "keep": 5.0, "quality": 2.0}   # points lost per
 
 
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
-                    weights: dict | None = None) -> float | None:
-    # weights: per-category weights ("weighted") or costs ("deductions"); None = the defaults
+                    weights: dict | None = None, costs: dict | None = None) -> float | None:
     """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
+    weights / costs: per-category dicts for "weighted" / "deductions" and "capped" (None = the
+    defaults below; a given dict must name all three categories).
 
     mode="holistic" (default, the paper's reward): the number inside <score>.
     mode="weighted": 10 * sum_c w_c * mean(points in category c) / sum_c w_c over the
       categories present. The paper mentions a "weighted aggregate of principle outcomes"
       without weights; ours default to follow 0.5, keep 0.3, quality 0.2 (DEFAULT_WEIGHTS).
-      Needs one point per principle, else None.
-    mode="deductions": METHOD's "deductions follow how costly a re-edit would be", from the
-      0/1 points: 10 - sum of a cost per failed principle (DEFAULT_COSTS: an unrequested change,
-      a failed Keep, costs 5, more than an unmet Follow, 4; Quality 2), clipped to 0..10.
-      Unlike "weighted", every failed Keep costs the same however many Keep points there are.
-      The points cannot tell a no-op from a missed edit (both fail Follow, pass Keep), so a
-      no-op is NOT 0 here. The costs are the mini world's human utility's (miniworld/world.py);
-      on real data set them from how your raters weigh failures. Needs one point per principle.
+      Needs one point per principle, else None; like "deductions", it reads only the points,
+      so an answer whose <score> is missing or out of range still gets a reward.
+    mode="deductions", after METHOD.md ("The RRM's output": "deductions follow how costly a
+      re-edit would be"): 10 - sum of a cost per failed principle, clipped to 0..10.
+      DEFAULT_COSTS: a failed Keep (an unrequested change) costs 5, more than an unmet Follow,
+      4; Quality 2. Unlike "weighted", every failed Keep costs the same however many Keep
+      points there are. The points cannot tell a no-op from a missed edit (both fail Follow,
+      pass Keep), so a no-op is NOT 0 here. The costs are the mini world's human utility's
+      (miniworld/world.py), not the paper's (it gives none); on real data set them from how
+      your raters weigh failures. Needs one point per principle, else None.
     mode="capped": min(<score>, deductions): the holistic score, never above what the RRM's own
       verdicts allow. It keeps what only the holistic score knows (a no-op scores 0) and charges
-      every failed Keep in full. Needs a parsed score and one point per principle, else None.
+      every failed Keep in full. Needs a valid <score> and one point per principle, else None.
 
     >>> ps = [{"question": "a", "category": "follow"}, {"question": "b", "category": "keep"},
     ...       {"question": "c", "category": "keep"}, {"question": "d", "category": "quality"}]
@@ -538,7 +541,7 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     if principles is None or pts is None or len(pts) != len(principles):
         return None
     if mode in ("deductions", "capped"):
-        costs = weights or DEFAULT_COSTS
+        costs = costs or DEFAULT_COSTS
         lost = sum(costs[pr["category"]] for p, pr in zip(pts, principles) if not p)
         deductions = float(min(10.0, max(0.0, 10.0 - lost)))
         if mode == "deductions":

@@ -664,10 +664,12 @@ def rrm_tables(b: str, bench: dict, res: dict, args: Args, counters: dict, mini:
     erb = b == "editreward_bench"
     paper = PAPER["editreward_bench" if erb else "pairs"]
     head = (["model", "mean over task types %" if erb else "accuracy %", "all rows %" if erb else "mean over categories %",
-             "weighted-Phi acc. %", "deductions-Phi acc. %", "capped-Phi acc. %", "ties %", "unparsed pairs %", "parse rate %", "mean score"]
+             "weighted-Phi acc. %", "deductions-Phi acc. %", "capped-Phi acc. %", "ties %", "unparsed pairs %",
+             "parse rate %", "mean score"]
             + (["verification acc. F / K / Q %"] if mini else []) + ["paper %"])
     rows = [[lab] + [fmt(m.get(k), True) for k in (("task_mean", "accuracy") if erb else ("accuracy", "task_mean"))
-                     + ("accuracy_weighted", "accuracy_deductions", "accuracy_capped", "ties", "unparsed_pairs", "parse_rate")] + [fmt(m["mean_score"])]
+                     + ("accuracy_weighted", "accuracy_deductions", "accuracy_capped", "ties", "unparsed_pairs",
+                        "parse_rate")] + [fmt(m["mean_score"])]
             + ([" / ".join(fmt(m.get("verification_accuracy", {}).get(c), True) for c in C.CATEGORIES)] if mini else [])
             + [paper.get(lab, "-")] for lab, m in res.items()]
     fails = counters.get("decompose/parse_error", 0) + counters.get("decompose/backend_error", 0)

@@ -481,10 +481,10 @@ def save_grid(path: str, rows: list, sources: list, edits: list, recs: list, see
 # =========================================================================================
 def main(args: Args) -> dict:
     out_dir = os.path.join(args.run_dir, args.output_name)
-    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
-    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
-    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
-    # and math attention were clean, so training never uses it. No effect on CPU.
+    # INFRA: cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, gave
+    # NaN gradients to this script's Kontext LoRA in bf16 on an H200 (torch 2.11; README "GPU
+    # check", scripts/gpu_attention_probe.py; likely the cuDNN bug class of pytorch/pytorch#196678).
+    # Flash, memory-efficient and math attention were clean, so training never uses it. CPU: no effect.
     torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
@@ -606,7 +606,7 @@ def main(args: Args) -> dict:
         return out
 
     history = {"eval": [{"step": start, **evaluate("start", start)}], "train": []}
-    t0 = time.time()
+    t0, skipped_in_a_row = time.time(), 0
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="flow_grpo",
                      disable=not accelerator.is_local_main_process):
         tic = time.time()
@@ -641,7 +641,7 @@ def main(args: Args) -> dict:
         # Per-transition loss = Eq. E + beta * Eq. F, averaged over the minibatch's transitions.
         tr.train()
         stats = {"clip_frac": [], "ratio_dev_first": [], "kl": [], "loss": []}
-        grad_norm, n_updates = torch.tensor(0.0), 0
+        grad_norm, n_minibatches = torch.tensor(0.0), 0
         std_k = noise_stds(sched[0], trained, args.noise_level)                  # (K,)
         for epoch in range(args.inner_epochs if live_samples else 0):
             perm = [live_samples[i] for i in np.random.default_rng([args.seed, step, epoch]).permutation(len(live_samples))]
@@ -676,13 +676,18 @@ def main(args: Args) -> dict:
                         if epoch == 0 and mb_i == 0:
                             stats["ratio_dev_first"].append(float((ratio.detach() - 1).abs().max()))
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                n_minibatches += 1
                 if torch.isfinite(grad_norm):   # the norm is of the all-reduced gradient: every process agrees
                     opt.step()
-                    n_updates += 1
+                    skipped_in_a_row = 0
                 else:  # one NaN/inf gradient would turn the LoRA, and every later edit, into NaN
                     counters["nonfinite_grad_skipped"] = counters.get("nonfinite_grad_skipped", 0) + 1
+                    skipped_in_a_row += 1
                     accelerator.print(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}), update skipped "
                                       f"(counted in summary.json counters; try without --bf16 to see if it is precision)")
+                    if skipped_in_a_row >= 5:  # not a stray batch: the run would end with its LoRA untouched
+                        raise SystemExit(f"{skipped_in_a_row} updates in a row had a non-finite gradient norm; "
+                                         f"stopping (check the attention kernel, --bf16 and --lr)")
                 opt.zero_grad(set_to_none=True)
 
         # 5. log / eval / checkpoint (all numbers gathered over processes)
@@ -695,7 +700,7 @@ def main(args: Args) -> dict:
             ok = np.repeat(live, G) & (np.abs(u) > 0)
             logs["train/adv_gt_corr"] = float(np.corrcoef(adv_all[ok], u[ok])[0, 1]) if ok.sum() > 2 and adv_all[ok].std() > 0 else 0.0
         logs.update({"train/zero_var_groups": float(1 - live.mean()), "train/lr": lr, "train/grad_norm": float(grad_norm),
-                     "train/loss": float(np.sum(st["loss"]) / max(1, n_updates)),  # mean over optimizer steps
+                     "train/loss": float(np.sum(st["loss"]) / max(1, n_minibatches)),  # mean over minibatches
                      "train/kl": float(np.mean(st["kl"])) if st["kl"] else 0.0,
                      "train/clip_frac": float(np.mean(st["clip_frac"])) if st["clip_frac"] else 0.0,
                      "train/ratio_dev_first": float(np.max(st["ratio_dev_first"])) if st["ratio_dev_first"] else 0.0,

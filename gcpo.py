@@ -115,10 +115,10 @@ def pair_advantages(scores: list[list], n: int, policy: str):
 # =========================================================================================
 def main(args: Args) -> dict:
     out_dir = os.path.join(args.run_dir, args.output_name)
-    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
-    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
-    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
-    # and math attention were clean, so training never uses it. No effect on CPU.
+    # INFRA: a precaution. cuDNN's fused attention backward (the default SDPA kernel on H100/H200)
+    # gave NaN gradients to flow_grpo.py's Kontext LoRA in bf16 on an H200 (README "GPU check");
+    # the same kernel class NaN'd Qwen2.5 DPO (huggingface/trl#7181, pytorch/pytorch#196678). Flash,
+    # memory-efficient and math attention are unaffected, so training leaves it out. CPU: no effect.
     torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)

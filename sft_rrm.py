@@ -127,13 +127,13 @@ def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
 def main(args: Args) -> dict:
     out_dir = os.path.join(args.run_dir, args.output_name or ("sft_rrm" if args.sft_set == "think_verify"
                                                               else f"sft_rrm_{args.sft_set}"))
+    # INFRA: a precaution. cuDNN's fused attention backward (the default SDPA kernel on H100/H200)
+    # gave NaN gradients to flow_grpo.py's Kontext LoRA in bf16 on an H200 (README "GPU check");
+    # the same kernel class NaN'd Qwen2.5 DPO (huggingface/trl#7181, pytorch/pytorch#196678). Flash,
+    # memory-efficient and math attention are unaffected, so training leaves it out. CPU: no effect.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     # INFRA: one Accelerator; gradient accumulation is ours (global batch = processes x
     # per-device batch x accumulation), so the data order does not depend on the layout.
-    # cuDNN's fused attention backward, PyTorch's default SDPA kernel on H100/H200, returned NaN
-    # gradients for the Kontext LoRA in bf16 on an H200 (torch 2.11; scripts/gpu_attention_probe.py,
-    # README "GPU check"; a known class of bug: pytorch/pytorch#196678). Flash, memory-efficient
-    # and math attention were clean, so training never uses it. No effect on CPU.
-    torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=out_dir)
     P, rank = accelerator.num_processes, accelerator.process_index

@@ -10,7 +10,7 @@
 #   python sft_rrm.py --run_dir runs/gpu --max_steps 100 --eval_max_pairs 60
 # Each stage runs under scripts/peak_mem.py (wall time and peak CUDA memory) with its own time
 # limit, and a failing stage does not stop the others, so one run shows every problem. The later
-# stages use this run's bf16 SFT-RRM (gpu_sft) when it trained, else RUN_DIR/sft_rrm.
+# stages use this run's bf16 SFT-RRM (gpu_sft) when its answers parse, else RUN_DIR/sft_rrm.
 # Writes LOG_DIR/<stage>.log (default RUN_DIR/gpu_logs) and prints one summary block per stage;
 # exits 1 if any stage failed. Not part of the test suite: CI has no GPU (README, GPU recipe).
 set -uo pipefail
@@ -32,7 +32,8 @@ check() {  # check <name> <script> <args...>; STAGES="a b" runs only the stages 
   if timeout "$LIMIT" $PY scripts/peak_mem.py "$@" > "$LOG/$name.log" 2>&1; then
     echo "== ok     $name ($(( $(date +%s) - t )) s)"
   else
-    echo "== FAILED $name ($(( $(date +%s) - t )) s, rc $?; limit $LIMIT s) -- last lines of $LOG/$name.log:"
+    local rc=$?   # 124 = ran past its time limit
+    echo "== FAILED $name ($(( $(date +%s) - t )) s, rc $rc; limit $LIMIT s) -- last lines of $LOG/$name.log:"
     tr '\r' '\n' < "$LOG/$name.log" | grep -v '^\s*$' | tail -n 25
     FAILED="$FAILED $name"
   fi
@@ -48,7 +49,10 @@ check sft_bf16  sft_rrm.py --run_dir "$RUN" --output_name gpu_sft --bf16 --gradi
   --max_steps "$SFT_STEPS" --eval_max_pairs 60 --report_to none
 check sft_lora  sft_rrm.py --run_dir "$RUN" --output_name gpu_sft_lora --bf16 --lora_r 16 \
   --max_steps 20 --eval_max_pairs 16 --report_to none
-RRM="$RUN/gpu_sft"; [ -f "$RRM/config.json" ] || RRM="$RUN/sft_rrm"
+# the bf16 SFT-RRM if its answers parse (else GCPO and the in-process reward would have nothing
+# to learn from), else RUN_DIR/sft_rrm
+parses() { $PY -c "import json,sys; sys.exit(json.load(open('$1/summary.json'))['eval']['parse_rate'] < 0.5)" 2>/dev/null; }
+RRM="$RUN/gpu_sft"; parses "$RRM" || RRM="$RUN/sft_rrm"
 echo "   later stages use the RRM in $RRM"
 # 2. GCPO: CUDA rollouts with the shared-prefix KV cache, bf16 update with checkpointing
 check gcpo_bf16 gcpo.py --run_dir "$RUN" --model "$RRM" --output_name gpu_gcpo --bf16 \

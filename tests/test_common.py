@@ -228,17 +228,21 @@ def test_deductions_aggregate():
     assert score([1, 0, 1, 1, 1, 1]) == 5.0 and score([1, 0, 0, 1, 1, 1]) == 0.0
     assert score([1, 1, 1, 1, 1, 0]) == 8.0
     assert score([0, 1, 1, 1, 1, 1]) == 6.0                      # a missed Follow (or a no-op: the points can't tell)
-    rng = np.random.default_rng(0)                               # = the mini world's utility of the
-    for _ in range(200):                                         # same verdicts, for any edit but a no-op
-        pts = rng.integers(0, 2, size=6).tolist()
-        assert score(pts) == world.utility_from_verdicts(pts, ps, noop=False)
+    for pts in itertools.product([0, 1], repeat=6):             # = the mini world's utility of the same
+        assert score(list(pts)) == world.utility_from_verdicts(list(pts), ps, noop=False)   # verdicts (no no-op)
+    custom = {"follow": 1.0, "keep": 1.0, "quality": 1.0}
+    assert C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", [1, 0, 0, 1, 1, 1], 9.0)), ps,
+                             "deductions", costs=custom) == 8.0
     capped = lambda pts, s: C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", pts, s)), ps, "capped")
     assert capped([1, 0, 1, 1, 1, 1], 8.2) == 5.0                # a generous score is capped by its own verdicts
     assert capped([0, 1, 1, 1, 1, 1], 1.3) == 1.3                # the score's no-op judgement survives
     assert capped([1, 1, 1, 1, 1, 1], 9.5) == 9.5
     for mode in ("deductions", "capped"):
         assert C.aggregate_score(C.parse_rrm_output(C.format_rrm_output("", [1, 1], 9.0)), ps, mode) is None
-    assert C.aggregate_score(C.parse_rrm_output("no score"), ps, "capped") is None
+    bad_score = C.parse_rrm_output(C.format_rrm_output("", [1, 0, 1, 1, 1, 1], 11))   # points, but <score> 11
+    assert bad_score["status"] == "out_of_range" and bad_score["points"] is not None
+    assert C.aggregate_score(bad_score, ps, "capped") is None      # capped needs the score ...
+    assert C.aggregate_score(bad_score, ps, "deductions") == 5.0   # ... deductions reads the points only
 
 
 def test_gedit_scores():

@@ -317,6 +317,8 @@ def test_nonfinite_gradient_skips_the_update(bases, monkeypatch):
     lora = lora_of(bases, "fg_nan")
     assert all(torch.isfinite(v).all() for v in lora.values())
     assert all(float(v.abs().max()) == 0.0 for k, v in lora.items() if "lora_B" in k)   # B still 0: untouched
+    with pytest.raises(SystemExit, match="5 updates in a row"):    # a broken kernel stops the run
+        in_process(run_args(bases, "fg_nan5", steps=4))
 
 
 @pytest.mark.slow
