@@ -428,8 +428,9 @@ def decompose(reqs: list[dict], args: Args, counters: dict) -> int:
 
 
 def rrm_metrics(bench: dict, samples: dict, scalar: bool) -> dict:
-    """Accuracy (holistic Phi and, for RRMs, the weighted, deductions and capped aggregates), ties, unparsed pairs,
-    parse counts, and in the mini world the per-principle verification accuracy."""
+    """Accuracy (holistic Phi and, for RRMs, the weighted, deductions and capped aggregates),
+    ties, unparsed pairs, parse counts, and in the mini world the per-principle verification
+    accuracy."""
     pairs, reqs = bench["pairs"], bench["reqs"]
     sc = {m: {k: request_score(v, reqs[k]["principles"], m) for k, v in samples.items()}
           for m in (("holistic",) if scalar else ("holistic", "weighted", "deductions", "capped"))}
