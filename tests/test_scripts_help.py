@@ -42,3 +42,27 @@ def test_reproduction_table_pairs_editors_by_context_and_draw(tmp_path):
     assert v["draws"] == 2 and v["util_base"] == 5 and v["util_flow_grpo_gcpo"] == 5.5
     assert v["delta_flow_grpo_gcpo"] == 0.5 and math.isclose(v["delta_se_flow_grpo_gcpo"], 1.5)
     assert v["delta_flow_grpo_sft"] is None and RT.paired([v], "flow_grpo_gcpo") == "+0.50 (+0.50 ± 1.50)"
+
+
+def test_group_agreement_standardises_within_groups():
+    """scripts/judge_group_agreement.py: agreement is the pooled correlation of per-group
+    z-scores, so a reward that orders every group like the truth scores 1 whatever each group's
+    offset and scale; a constant reward in a group whose truth varies counts as flat; groups
+    with a constant truth or fewer than 2 scored edits are left out; NaN rewards are dropped."""
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import judge_group_agreement as JG
+    truth = np.array([[0., 5, 10], [2, 4, 6], [3, 3, 3], [1, 2, 9]])
+    same_order = np.array([[1., 2, 3], [50, 60, 70], [1, 2, 3], [7, 7, 7]])
+    corr, used, flat = JG.standardised_corr(same_order, truth)
+    assert np.isclose(corr, 1.0) and (used, flat) == (2, 1)          # last group flat, third left out
+    corr, used, flat = JG.standardised_corr(-same_order, truth)
+    assert np.isclose(corr, -1.0) and (used, flat) == (2, 1)
+    # one group with the middle edit unscored: z-scores over the two left, (-1, 1) in both
+    corr, used, _ = JG.standardised_corr(np.array([[1., np.nan, 3]]), np.array([[0., 5, 10]]))
+    assert np.isclose(corr, 1.0) and used == 1
+    # hand computation: z(r) = (-1.22, 0, 1.22) in both groups but truth (0, 1, 8) is skewed
+    r, t = np.array([[1., 2, 3]]), np.array([[0., 1, 8]])
+    zt = (t[0] - t[0].mean()) / t[0].std()
+    zr = (r[0] - r[0].mean()) / r[0].std()
+    assert np.isclose(JG.standardised_corr(r, t)[0], float(np.mean(zr * zt)))
