@@ -68,6 +68,7 @@ class Args:
     prompt_variants: str = field(default="compact,strict", metadata={"help": "comma list of verify prompt wordings (common.VERIFY_SYSTEMS)"})
     temperatures: str = field(default="0.3,1.0", metadata={"help": "comma list of pool sampling temperatures"})
     inspector: str = field(default="mini:inspector", metadata={"help": "backend that writes gold labels"})
+    tie_score: str = field(default="higher", metadata={"help": "Think+Verify target among equally verified trajectories: the higher final score (the paper's rule) or the lower (an ablation: in the mini world the paper's rule picks the pool's lenient scores, no-ops included; README build_data.py)"})
     rrm_variant: str = field(default="compact", metadata={"help": "prompt wording the RRM is trained with (SFT rows)"})
     max_tokens: int = field(default=1024, metadata={"help": "max tokens per VLM answer"})
     # --- preferences
@@ -348,7 +349,9 @@ def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
         if ok:
             i = rng.choice(ok)
             t_only.append({**base, "target": tr[i]["text"], "trajectory": i})
-        best = inspected.get(c["id"], {}).get("best")
+        # the inspector's record keeps the paper's choice ("best"); the target follows --tie_score
+        gold = inspected.get(c["id"], {}).get("gold")
+        best = None if gold is None else C.select_best_trajectory(tr, gold, args.tie_score)
         if best is not None:
             tv.append({**base, "target": tr[best]["text"], "trajectory": best})
     for name, rows in (("sft_think_verify", tv), ("sft_think_only", t_only)):

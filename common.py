@@ -569,25 +569,32 @@ def verification_accuracy(points: list[int] | None, gold: list[int]) -> float | 
     return sum(int(p == g) for p, g in zip(points, gold)) / len(gold)
 
 
-def select_best_trajectory(parsed: list[dict], gold: list[int]) -> int | None:
+def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str = "higher") -> int | None:
     """Index of the SFT target among K parsed trajectories (build_data.py step 4).
 
     Paper's rule: highest verification accuracy; ties -> higher average_score, then higher
     final score, then lower index. Trajectories without a usable final score or points are
-    never chosen. None if none qualifies.
+    never chosen. None if none qualifies. tie_score="lower" breaks the last tie the other way
+    (the stricter of equally verified trajectories; an ablation, see README "build_data.py":
+    in the mini world the paper's rule selects the pool's lenient scores, no-ops included).
 
     >>> mk = lambda pts, s: parse_rrm_output(format_rrm_output("", pts, s))
     >>> trajs = [mk([1, 0, 0], 3), mk([1, 1, 0], 5), mk([1, 1, 0], 6), mk([0, 0, 1], 9)]
     >>> select_best_trajectory(trajs, gold=[1, 1, 1])   # 1,2 tie on acc and avg; 2 has higher score
     2
+    >>> select_best_trajectory(trajs, gold=[1, 1, 1], tie_score="lower")
+    1
     """
+    if tie_score not in ("higher", "lower"):
+        raise ValueError(f"tie_score must be 'higher' (the paper's) or 'lower', not {tie_score!r}")
     best, best_key = None, None
     for i, p in enumerate(parsed):
         acc = verification_accuracy(p.get("points"), gold)
         if acc is None or p.get("status") != "ok":
             continue
         avg = sum(p["points"]) / len(p["points"])
-        key = (acc, avg, p["score"], -i)  # max over this tuple == the paper's tie rules
+        score = p["score"] if tie_score == "higher" else -p["score"]
+        key = (acc, avg, score, -i)  # max over this tuple == the paper's tie rules
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best

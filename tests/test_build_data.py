@@ -14,6 +14,7 @@ Everything runs offline on CPU; servers bind 127.0.0.1 only and are stopped in t
 Shared state (the tiny bases, the ground-truth run, the server) is built once per module.
 The whole file takes ~65 s on 2 shared cores; `-m "not slow"` ~16 s.
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -218,6 +219,35 @@ def test_mini_default_pool_think_verify_labels_beat_think_only(gt_run):
     assert acc["think_verify"]["all"] >= acc["think_only"]["all"] + 0.05, acc
     assert acc["think_verify"]["all"] >= 0.93 and gt["inspector_accuracy"]["all"] > gt["pool_accuracy"]["all"]
     assert set(gt["pool_accuracy_by_member"]) == {"mini:lenient", "mini:eager", "mini:blind"}
+
+
+def test_tie_score_lower_only_breaks_ties_the_other_way(gt_run, tmp_path):
+    """--tie_score lower, on a copy of a finished run: every Think+Verify target is as well
+    verified (same accuracy and average) as the paper's pick, never scores higher, and differs
+    from it only where a lower-scored trajectory tied; the Think-only set and the inspector's
+    record are untouched; more no-op rows say "nothing changed" (README build_data.py)."""
+    import shutil
+    args, _ = gt_run
+    shutil.copytree(os.path.join(args.run_dir, "data"), tmp_path / "data")
+    build_data.main(dataclasses.replace(args, run_dir=str(tmp_path), tie_score="lower"))
+    paper, lower = load(args.run_dir, "sft_think_verify"), load(tmp_path, "sft_think_verify")
+    trajs = {r["id"]: r["trajectories"] for r in load(args.run_dir, "trajectories")}
+    insp = {r["id"]: r for r in load(args.run_dir, "inspected")}
+    assert [r["id"] for r in lower] == [r["id"] for r in paper]
+    assert load(tmp_path, "sft_think_only") == load(args.run_dir, "sft_think_only")
+    assert load(tmp_path, "inspected") == load(args.run_dir, "inspected")
+    changed = 0
+    for a, b in zip(paper, lower):
+        tr, acc = trajs[a["id"]], insp[a["id"]]["accuracies"]
+        i, j = a["trajectory"], b["trajectory"]
+        assert i == insp[a["id"]]["best"]
+        assert acc[j] == acc[i] and sum(tr[j]["points"]) == sum(tr[i]["points"])
+        assert tr[j]["score"] <= tr[i]["score"]
+        assert (i != j) == (tr[j]["score"] < tr[i]["score"])
+        changed += i != j
+    assert changed > 0
+    said = lambda rows: sum("nothing changed" in r["target"] for r in rows)
+    assert said(lower) > said(paper)
 
 
 def test_rerun_of_a_finished_run_adds_nothing(tmp_path):
