@@ -11,7 +11,7 @@ next stage. Held-out pairwise accuracy and parse rate are measured with common.p
 the same numbers evaluate.py reports.
 
 Run
-  python sft_rrm.py                                    # mini world, CPU, 500 steps: ~6.5 min on 2 threads, ~12 on one
+  python sft_rrm.py                                    # mini world, CPU, 500 steps: ~5.7-6.5 min on 2 threads, ~12 on one
   python sft_rrm.py --sft_set think_only               # the paper's Think-only ablation
   accelerate launch sft_rrm.py --model Qwen/Qwen2.5-VL-7B-Instruct --run_dir runs/real \\
       --batch_size 64 --per_device_batch_size 4 --lr 1e-5 --epochs 2 --bf16 \\
