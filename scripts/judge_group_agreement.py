@@ -20,7 +20,9 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
               beside its accuracy on uncontested ones.
 
     python scripts/judge_group_agreement.py RUN RRM [RRM ...]
-      env: N_CONTEXTS (40), G (16), POLICY (the committed Kontext), LORA (a Flow-GRPO folder), STEPS (10)
+      env: N_CONTEXTS (40), G (16), POLICY (the committed Kontext), LORA (a Flow-GRPO folder), STEPS (10),
+           K (1: one greedy answer per edit, as flow_grpo.py scores; K > 1: the reward is the mean of
+           K answers sampled at TEMP, default 0.7; the verdict breakdown reads the first)
 """
 import os
 import sys
@@ -98,12 +100,15 @@ def main(run: str, rrms: list) -> dict:
     for rrm in rrms:
         model, processor = C.load_rrm(rrm)
         model.eval()
+        K = int(os.environ.get("K", 1))
         outs = C.rrm_score(model, processor, [(s, e, r["instruction"]) for r, s, e in flat],
-                           [r["principles"] for r, _, _ in flat], n=1, batch_size=64)
+                           [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
+                           temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
         rep = {}
         for mode in ("holistic", "deductions", "capped"):
-            rew = np.array([np.nan if (x := C.aggregate_score(o[0], r["principles"], mode)) is None else x
-                            for (r, _, _), o in zip(flat, outs)]).reshape(len(rows), G)
+            per = [[x for x in (C.aggregate_score(a, r["principles"], mode) for a in o) if x is not None]
+                   for (r, _, _), o in zip(flat, outs)]
+            rew = np.array([np.mean(v) if v else np.nan for v in per]).reshape(len(rows), G)
             corr, used, nflat = standardised_corr(rew, util)
             rep[mode] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
