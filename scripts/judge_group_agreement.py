@@ -10,10 +10,14 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
 
   agreement   pooled correlation of the group-standardised reward with the group-standardised
               true utility (edits of groups where both vary), for the reward rules
-              holistic / deductions / capped (common.aggregate_score) and two references on
-              the TRUE verdicts: "deductions on true verdicts" (the rule with perfect eyes; it
-              misses only the no-op rule) and the utility itself (1.0);
-  flat groups groups whose reward is constant (no signal) vs whose truth is constant;
+              holistic / deductions / capped (common.aggregate_score), beside a reference:
+              deductions on the TRUE verdicts (perfect eyes, but blind to the no-op rule,
+              the human's 0 for an edit that changed nothing);
+  flat groups groups whose reward is constant (no signal) although their truth varies;
+  no-ops      the error split in two: the judge's own verdicts priced by the world with the
+              true no-op rule, and the true verdicts with the judge's own no-op call ("nothing
+              changed" in its reasoning); how often it makes that call on no-ops and on real
+              edits, and its score on no-ops;
   contested   principles whose true verdict differs between edits of one group -- the only
               ones that carry within-group signal -- and how often the RRM's verdict on them
               is right, per category and failure reason (judge_blind_spots.failure_reason),
