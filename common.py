@@ -570,7 +570,7 @@ def verification_accuracy(points: list[int] | None, gold: list[int]) -> float | 
 
 
 def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str = "higher") -> int | None:
-    """Index of the SFT target among K parsed trajectories (build_data.py step 4).
+    """Index of the SFT target among K parsed trajectories (build_data.py steps 4 and 5).
 
     Paper's rule: highest verification accuracy; ties -> higher average_score, then higher
     final score, then lower index. Trajectories without a usable final score or points are
