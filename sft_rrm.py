@@ -6,12 +6,15 @@ verdicts, their average and a final <score>. Loss: negative log-likelihood of th
 completion only (prompt and image tokens masked), mean over each sequence's tokens, then
 over sequences -- so 1 process with batch B and k processes with batch B/k take the same step.
 
-What it deliberately does not do: packing, curriculum, or any reward. GCPO (gcpo.py) is the
-next stage. Held-out pairwise accuracy and parse rate are measured with common.py's parser,
-the same numbers evaluate.py reports.
+Batches are drawn by length (--group_by_length): each epoch's shuffled rows are cut into
+windows of 16 batches, each window sorted by token count and cut into batches served in a
+shuffled order, so a batch pads less (the idea of HF Trainer's group_by_length; 12% fewer
+padded tokens in the mini run). What it deliberately does not do: packing, curriculum, or
+any reward. GCPO (gcpo.py) is the next stage. Held-out pairwise accuracy and parse rate are
+measured with common.py's parser, the same numbers evaluate.py reports.
 
 Run
-  python sft_rrm.py                                    # mini world, CPU, 500 steps: ~5.7-6.5 min on 2 threads, ~12 on one
+  python sft_rrm.py                                    # mini world, CPU, 500 steps: ~5.1 min on 2 threads, ~9 on one
   python sft_rrm.py --sft_set think_only               # the paper's Think-only ablation
   accelerate launch sft_rrm.py --model Qwen/Qwen2.5-VL-7B-Instruct --run_dir runs/real \\
       --batch_size 64 --per_device_batch_size 4 --lr 1e-5 --epochs 2 --bf16 \\
@@ -50,7 +53,7 @@ class Args:
     mix_data: str = field(default="", metadata={"help": "optional JSONL of generic rows {id, messages (chat with image placeholders), images, answer} mixed into the training rows (replay of the base's own tasks, as VLM SFT mixes keep generic VQA)"})
     max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; longer samples stop the run with their id"})
     # --- optimisation
-    epochs: float = field(default=1.78, metadata={"help": "passes over the SFT set (mini: 4500 rows x 1.78 / 16 = 500 steps; at 247 steps the tiny RRM still answers 'yes' to nearly everything, see README)"})
+    epochs: float = field(default=1.78, metadata={"help": "passes over the SFT set (mini: 4500 rows x 1.78 / 16 = 500 steps; at 247 steps the tiny RRM still answers 'yes' to nearly everything, at 450 it has not yet learnt to compare; see README)"})
     batch_size: int = field(default=16, metadata={"help": "GLOBAL sequences per optimizer step (all processes, all accumulation)"})
     per_device_batch_size: int = field(default=16, metadata={"help": "sequences per forward on one process"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (mini: 1e-3; 7B full FT: ~1e-5; LoRA: ~1e-4)"})
@@ -75,6 +78,7 @@ class Args:
     checkpoints_total_limit: int = field(default=2, metadata={"help": "keep at most this many checkpoints"})
     resume_from_checkpoint: str = field(default="", metadata={"help": "a checkpoint folder or 'latest'"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = from epochs)"})
+    group_by_length: int = field(default=16, metadata={"help": "batches per length-sorted window (0 = plain shuffle); mini: 377 -> 332 padded tokens per sequence"})
     seed: int = field(default=0, metadata={"help": "random seed (data order and init of LoRA)"})
 
 
@@ -91,14 +95,42 @@ def lr_at(step: int, total: int, args: Args) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
 
 
-def batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
+def batch_indices(step: int, n_rows: int, global_batch: int, seed: int,
+                  lengths: list[int] | None = None, window: int = 0) -> list[int]:
     """The rows of optimizer step `step`: a fresh seeded permutation per epoch, read in
-    order. A pure function of the step, so resuming at step s replays exactly."""
+    order. With lengths and window > 0 the permutation is cut into windows of `window`
+    batches; each window is sorted by length, cut into batches, and those batches are
+    served in a seeded random order (so a batch holds rows of similar length). A pure
+    function of the step, so resuming at step s replays exactly."""
     per_epoch = n_rows // global_batch
     epoch, k = divmod(step, per_epoch)
     perm = list(range(n_rows))
     random.Random(seed * 100003 + epoch).shuffle(perm)
-    return perm[k * global_batch:(k + 1) * global_batch]
+    if not window or lengths is None:
+        return perm[k * global_batch:(k + 1) * global_batch]
+    w, j = divmod(k, window)                      # window w, its j-th batch in serving order
+    n_batches = min(window, per_epoch - w * window)
+    rows = sorted(perm[w * window * global_batch:(w * window + n_batches) * global_batch],
+                  key=lambda i: lengths[i])
+    order = list(range(n_batches))
+    random.Random((seed * 100003 + epoch) * 1009 + w).shuffle(order)
+    return rows[order[j] * global_batch:(order[j] + 1) * global_batch]
+
+
+def row_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Each row's size for --group_by_length: tokens of its text (instruction and principles,
+    or a generic row's messages) plus its target. The image tokens are the same for every
+    row, and the chat template adds a constant, so this orders rows as their true lengths do."""
+    texts, targets = [], []
+    for row in rows:
+        if "messages" in row:
+            texts.append(" ".join(c.get("text", "") for m in row["messages"] for c in
+                                  (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])))
+            targets.append(row["answer"])
+        else:
+            texts.append(row["instruction"] + " " + " ".join(p["question"] for p in row["principles"]))
+            targets.append(row["target"])
+    return [len(a) + len(b) for a, b in zip(tokenizer(texts)["input_ids"], tokenizer(targets)["input_ids"])]
 
 
 def sft_loss(model, processor, rows: list[dict], variant: str, max_length: int):
@@ -159,6 +191,7 @@ def main(args: Args) -> dict:
 
     # 2. model: Auto classes; LoRA (peft) optional
     model, processor = C.load_rrm(args.model)
+    lengths = row_lengths(processor.tokenizer, rows) if args.group_by_length else None
     if args.freeze_vision:  # the base already sees; SFT then only teaches the language side
         model.model.visual.requires_grad_(False)
     if args.lora_r:
@@ -168,8 +201,9 @@ def main(args: Args) -> dict:
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # fused: one kernel for all parameters (CPU and GPU); 1.3 instead of 7 ms a step in the mini run
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            betas=(0.9, 0.98), weight_decay=args.weight_decay)
+                            betas=(0.9, 0.98), weight_decay=args.weight_decay, fused=True)
     model, opt = accelerator.prepare(model, opt)
     base = accelerator.unwrap_model(model)
     core = base.get_base_model() if args.lora_r else base   # the Qwen2_5_VL model itself
@@ -209,7 +243,7 @@ def main(args: Args) -> dict:
         lr = lr_at(step, total, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = batch_indices(step, len(rows), args.batch_size, args.seed)
+        idx = batch_indices(step, len(rows), args.batch_size, args.seed, lengths, args.group_by_length)
         local = idx[rank * accum * args.per_device_batch_size:(rank + 1) * accum * args.per_device_batch_size]
         loss_sum, tokens = 0.0, 0
         for a in range(accum):

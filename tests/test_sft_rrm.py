@@ -49,6 +49,43 @@ def test_too_long_sample_is_an_error_naming_the_row(tiny_run):
         sft_rrm.sft_loss(model, processor, rows, "compact", 16)
 
 
+def test_length_grouped_batches_cover_each_row_once_and_pad_less():
+    n, B, W = 100, 4, 5                                 # 25 batches an epoch, windows of 5 batches
+    lengths = [(i * 37) % 101 for i in range(n)]
+    for epoch in range(2):
+        steps = range(epoch * 25, (epoch + 1) * 25)
+        grouped = [sft_rrm.batch_indices(s, n, B, 3, lengths, W) for s in steps]
+        plain = [sft_rrm.batch_indices(s, n, B, 3) for s in steps]
+        assert sorted(i for b in grouped for i in b) == list(range(n))      # every row once
+        for w in range(5):  # a window holds the rows of the plain permutation's window, re-cut
+            assert sorted(i for b in grouped[w * W:(w + 1) * W] for i in b) == \
+                sorted(i for b in plain[w * W:(w + 1) * W] for i in b)
+        # each batch is a run of its window's rows sorted by length: no other row of the
+        # window lies strictly between a batch's shortest and longest row
+        for w in range(5):
+            window = [i for b in grouped[w * W:(w + 1) * W] for i in b]
+            for b in grouped[w * W:(w + 1) * W]:
+                lo, hi = min(lengths[i] for i in b), max(lengths[i] for i in b)
+                assert not [i for i in window if i not in b and lo < lengths[i] < hi]
+        pad = lambda bs: sum(B * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+        assert pad(grouped) < pad(plain) / 2
+    # a pure function of the step (resume replays it) and a different order per seed
+    assert sft_rrm.batch_indices(7, n, B, 3, lengths, W) == sft_rrm.batch_indices(7, n, B, 3, lengths, W)
+    assert [sft_rrm.batch_indices(s, n, B, 3, lengths, W) for s in range(5)] != \
+        [sft_rrm.batch_indices(s, n, B, 4, lengths, W) for s in range(5)]
+
+
+def test_row_lengths_order_rows_as_their_encoded_length(tiny_run):
+    _, processor = C.load_rrm(tiny_run["base"])
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:24]
+    prompts = C.encode_prompts(processor, [C.verify_messages(r["instruction"], r["principles"], "compact") for r in rows],
+                               [[C.load_image(r["source"]), C.load_image(r["edited"])] for r in rows])
+    _, mask = C.tokenize_completions(processor, [r["target"] for r in rows])
+    true = (prompts["attention_mask"].sum(1) + mask.sum(1)).float()
+    proxy = torch.tensor(sft_rrm.row_lengths(processor.tokenizer, rows), dtype=torch.float)
+    assert true.std() > 0 and torch.corrcoef(torch.stack([true, proxy]))[0, 1] > 0.95
+
+
 def _args(tiny_run, name, **kw):
     base = ["sft_rrm.py", "--model", tiny_run["base"], "--run_dir", tiny_run["run"], "--output_name", name,
             "--report_to", "none", "--eval_max_pairs", "2", "--max_new_tokens", "8", "--eval_every", "0",
