@@ -898,7 +898,6 @@ def main(args: Args) -> dict:
     if editing:
         with open(os.path.join(out_dir, "editing_samples.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for e in editing.values() for r in e["records"])
-    C.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     for name, text in (("report.html", page), ("report.md", md)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
@@ -906,6 +905,8 @@ def main(args: Args) -> dict:
     head = headline(args.run_dir, results, editing)
     with open(os.path.join(out_dir, "headline.md"), "w", encoding="utf-8") as f:
         f.write(head)
+    # last, atomically: its presence means the evaluation finished (scripts/mini_pipeline.sh skips it)
+    C.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     print(head + f"report: {os.path.join(out_dir, 'report.html')} ({minutes:.1f} min)")
     return summary
 

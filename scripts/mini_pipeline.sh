@@ -14,6 +14,8 @@
 #   5. evaluate.py              -> eval/ (summary.json, report.md, report.html)
 # Independent stages run side by side, one CPU thread each (this machine has 2 cores).
 # Every stage's full log is in RUN_DIR/logs/<stage>.log; this script prints one line per stage.
+# Rerun after an interruption: a stage whose last file exists (data/stats.json, <stage>/summary.json,
+# eval/summary.json; each written last and atomically) is skipped, the others run again.
 # Extra flags per stage (e.g. a smaller run in tests/test_pipeline.py): DATA_ARGS, SFT_ARGS,
 # GCPO_ARGS, FLOW_ARGS, EVAL_ARGS, e.g.  SFT_ARGS="--max_steps 50" scripts/mini_pipeline.sh
 set -euo pipefail
@@ -39,9 +41,12 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORM
 mkdir -p "$RUN/logs"
 T0=$(date +%s)
 
-stage() {  # stage <name> <command...>: run, log, print the time and the last summary line
-  local name=$1; shift
+stage() {  # stage <name> <done file> <command...>: run, log, print the time and the last summary line
+  local name=$1 done_file=$2; shift 2
   local t=$(date +%s)
+  if [ -e "$RUN/$done_file" ]; then  # a finished stage of an earlier, interrupted run: kept
+    echo "[$(date +%T)] skip   $name ($RUN/$done_file exists: finished earlier; delete it to redo)"; return 0
+  fi
   echo "[$(date +%T)] start  $name"
   if ! "$@" > "$RUN/logs/$name.log" 2>&1; then
     echo "[$(date +%T)] FAILED $name -- see $RUN/logs/$name.log:"; tail -n 20 "$RUN/logs/$name.log"; return 1
@@ -49,22 +54,22 @@ stage() {  # stage <name> <command...>: run, log, print the time and the last su
   echo "[$(date +%T)] done   $name ($(( $(date +%s) - t )) s): $(tr '\r' '\n' < "$RUN/logs/$name.log" | grep -E '^\[eval final\]|^report:|^\[final\]|^wrote' | tail -n 1)"
 }
 
-stage build_data      $PY build_data.py --run_dir "$RUN" --seed "$SEED" ${DATA_ARGS:-}
+stage build_data      data/stats.json $PY build_data.py --run_dir "$RUN" --seed "$SEED" ${DATA_ARGS:-}
 echo "           data: $(wc -l < "$RUN/data/sft_think_verify.jsonl") SFT rows per set, preference pairs" \
      "$(wc -l < "$RUN/data/pairs_train.jsonl") / $(wc -l < "$RUN/data/pairs_val.jsonl") / $(wc -l < "$RUN/data/pairs_test.jsonl") (train / val / test)"
-stage sft_think_verify $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" ${SFT_ARGS:-} &
+stage sft_think_verify sft_rrm/summary.json $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" ${SFT_ARGS:-} &
 P1=$!
-stage sft_think_only  $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" --sft_set think_only ${SFT_ARGS:-} &
+stage sft_think_only  sft_rrm_think_only/summary.json $PY sft_rrm.py --run_dir "$RUN" --seed "$SEED" --sft_set think_only ${SFT_ARGS:-} &
 P2=$!
 wait $P1 || exit 1; wait $P2 || exit 1
 # core 1: GCPO, then Flow-GRPO with its RRM; core 2 meanwhile: Flow-GRPO with the SFT-RRM
-( stage gcpo          $PY gcpo.py --run_dir "$RUN" --seed "$SEED" --model "$RUN/sft_rrm" ${GCPO_ARGS:-} &&
-  stage flow_grpo_gcpo $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/gcpo_rrm" --output_name flow_grpo_gcpo ${FLOW_ARGS:-} ) &
+( stage gcpo          gcpo_rrm/summary.json $PY gcpo.py --run_dir "$RUN" --seed "$SEED" --model "$RUN/sft_rrm" ${GCPO_ARGS:-} &&
+  stage flow_grpo_gcpo flow_grpo_gcpo/summary.json $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/gcpo_rrm" --output_name flow_grpo_gcpo ${FLOW_ARGS:-} ) &
 P1=$!
-stage flow_grpo_sft   $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/sft_rrm" --output_name flow_grpo_sft ${FLOW_ARGS:-} &
+stage flow_grpo_sft   flow_grpo_sft/summary.json $PY flow_grpo.py --run_dir "$RUN" --seed "$SEED" --reward_model "$RUN/sft_rrm" --output_name flow_grpo_sft ${FLOW_ARGS:-} &
 P2=$!
 wait $P1 || exit 1; wait $P2 || exit 1
-stage evaluate        $PY evaluate.py --run_dir "$RUN" --seed "$SEED" ${EVAL_ARGS:-}
+stage evaluate        eval/summary.json $PY evaluate.py --run_dir "$RUN" --seed "$SEED" ${EVAL_ARGS:-}
 echo "pipeline done in $(( $(date +%s) - T0 )) s"
 [ $DEMO = 1 ] && echo "(demo scale: not the reproduction table; README, 'The reproduction table')"
 cat "$RUN/eval/headline.md" 2>/dev/null || true

@@ -71,3 +71,15 @@ def test_the_pipeline_chains_every_stage(tmp_path):
     assert "| RRM pairwise accuracy, + GCPO (%) |" in table.stdout and "| motion_change |" in table.stdout
     assert "| change over the base, GCPO-RRM (paired) |" in table.stdout
     assert "| edits per test context (starting noises) | 2 |" in table.stdout  # EVAL_ARGS --edit_seeds 2
+    # an interrupted run resumes: finished stages are skipped, a stage without its last file
+    # (here Flow-GRPO with the SFT-RRM, and so evaluate) runs again
+    os.remove(os.path.join(run, "flow_grpo_sft", "summary.json"))
+    os.remove(os.path.join(run, "eval", "summary.json"))
+    again = subprocess.run(["bash", os.path.join(ROOT, "scripts", "mini_pipeline.sh"), "--demo", run, "0"], cwd=ROOT,
+                           env={**ENV, **SMALL, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    for stage in ("build_data", "sft_think_verify", "sft_think_only", "gcpo", "flow_grpo_gcpo"):
+        assert f"skip   {stage}" in again.stdout and f"done   {stage}" not in again.stdout, again.stdout
+    for stage in ("flow_grpo_sft", "evaluate"):
+        assert f"done   {stage}" in again.stdout, again.stdout
+    assert os.path.isfile(os.path.join(run, "eval", "summary.json")) and "report: " in again.stdout
