@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole Edit-R1 pipeline on the mini world, stage by stage (README, "Two commands").
 #
-#   scripts/mini_pipeline.sh [RUN_DIR] [SEED]          the full mini run, default runs/mini 0 (~30 min)
+#   scripts/mini_pipeline.sh [RUN_DIR] [SEED]          the full mini run, default runs/mini 0 (~22 min)
 #   scripts/mini_pipeline.sh --demo [RUN_DIR] [SEED]   every stage at demo scale, default runs/demo 0
 #                                                      (~6 min; too few SFT steps for the RRM to
 #                                                      learn to compare: a tour, not the reproduction)
@@ -34,7 +34,7 @@ if [ $DEMO = 1 ]; then
   FLOW_ARGS="--steps 4 --group_size 8 --eval_contexts 16 ${FLOW_ARGS:-}"
   EVAL_ARGS="--edit_seeds 1 ${EVAL_ARGS:-}"
   echo "demo scale: every stage runs, with too few steps to reproduce the paper's directions;" \
-       "the reproduction is scripts/mini_pipeline.sh without --demo (~30 min, README)"
+       "the reproduction is scripts/mini_pipeline.sh without --demo (~22 min, README)"
 fi
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

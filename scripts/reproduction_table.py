@@ -1,6 +1,6 @@
 """scripts/reproduction_table.py -- the README's reproduction table from finished mini runs.
 
-    for s in 0 1 2; do scripts/mini_pipeline.sh runs/mini_seed$s $s; done      # ~28-32 min each on 2 cores
+    for s in 0 1 2; do scripts/mini_pipeline.sh runs/mini_seed$s $s; done      # ~22 min each on 2 cores
     python scripts/reproduction_table.py runs/mini_seed0 runs/mini_seed1 runs/mini_seed2
 
 Reads only files the stages wrote (eval/summary.json, eval/editing_samples.jsonl,
