@@ -9,9 +9,10 @@ over sequences -- so 1 process with batch B and k processes with batch B/k take 
 Batches are drawn by length (--group_by_length): each epoch's shuffled rows are cut into
 windows of 16 batches, each window sorted by token count and cut into batches served in a
 shuffled order, so a batch pads less (the idea of HF Trainer's group_by_length; in the mini
-run 12% fewer tokens a batch: 332 instead of 377 a row). What it deliberately does not do: packing, curriculum, or
-any reward. GCPO (gcpo.py) is the next stage. Held-out pairwise accuracy and parse rate are
-measured with common.py's parser, the same numbers evaluate.py reports.
+run 12% fewer tokens a batch: 332 instead of 377 a row). What it deliberately does not do:
+packing, curriculum, or any reward. GCPO (gcpo.py) is the next stage. Held-out pairwise
+accuracy and parse rate are measured with common.py's parser, the same numbers evaluate.py
+reports.
 
 Run
   python sft_rrm.py                                    # mini world, CPU, 500 steps: ~5.1 min on 2 threads, ~9 on one
