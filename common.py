@@ -1197,9 +1197,17 @@ def generate_shared(model, processor, prompts, n: int = 1, temperature: float = 
     (texts, completion_ids, completion_mask, old_logp), rows prompt-major."""
     tok = processor.tokenizer
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
-    B = prompts["input_ids"].shape[0]
+    from transformers.cache_utils import StaticCache
+    B, L = prompts["input_ids"].shape
     logits, cache, start = prefill(model, prompts)
     cache.batch_repeat_interleave(n)                                       # share the prefix
+    # A preallocated cache of L + max_new_tokens positions, filled with the prompt's keys and
+    # values: DynamicCache concatenates every layer's keys at every token (O(T^2) copying: 80%
+    # of decode time on CPU in the mini run); StaticCache writes in place. Same answers.
+    static = StaticCache(config=_unwrap(model).config, max_cache_len=L + max_new_tokens)
+    for dyn, layer in zip(cache.layers, static.layers):
+        layer.update(dyn.keys, dyn.values)
+    cache = static
     logits, start = logits.repeat_interleave(n, 0), start.repeat_interleave(n)
     attn = prompts["attention_mask"].to(logits.device).repeat_interleave(n, 0)
     dev = logits.device

