@@ -68,6 +68,7 @@ class Args:
     prompt_variants: str = field(default="compact,strict", metadata={"help": "comma list of verify prompt wordings (common.VERIFY_SYSTEMS)"})
     temperatures: str = field(default="0.3,1.0", metadata={"help": "comma list of pool sampling temperatures"})
     inspector: str = field(default="mini:inspector", metadata={"help": "backend that writes gold labels"})
+    noop_check: bool = field(default=False, metadata={"help": "the inspector also says whether the edit changed anything, and the Think+Verify target of an edit it calls a no-op is a trajectory that scores it 0 (METHOD.md: a no-op scores 0), if any (an ablation beyond the paper; README build_data.py)"})
     tie_score: str = field(default="higher", metadata={"help": "Think+Verify target among equally verified trajectories: the higher final score (the paper's rule) or the lower (an ablation: in the mini world the paper's rule picks the pool's lenient scores, no-ops included; README build_data.py)"})
     rrm_variant: str = field(default="compact", metadata={"help": "prompt wording the RRM is trained with (SFT rows)"})
     max_tokens: int = field(default=1024, metadata={"help": "max tokens per VLM answer"})
@@ -314,7 +315,7 @@ def step_verify(cands, ctx_by_id, trajs, args, paths, counters):
             ctx = ctx_by_id[c["context_id"]]
             texts = [t["text"] for t in trajs[c["id"]]["trajectories"]]
             images = [C.load_image(ctx["source"], ctx["id"]), C.load_image(c["image"], c["id"])]
-            reqs.append((C.inspector_messages(ctx["instruction"], ctx["principles"], texts), images))
+            reqs.append((C.inspector_messages(ctx["instruction"], ctx["principles"], texts, args.noop_check), images))
         out = []
         for c, ans in zip(chunk, chat(reqs, n=1, temperature=0.0, max_tokens=args.max_tokens)):
             if ans[0] is None:
@@ -327,10 +328,18 @@ def step_verify(cands, ctx_by_id, trajs, args, paths, counters):
                 continue
             parsed = [C.parse_rrm_output(t["text"], n_p) for t in trajs[c["id"]]["trajectories"]]
             accs = [C.verification_accuracy(p["points"], gold["gold"]) for p in parsed]
+            if args.noop_check and gold["changed"] is None:
+                bump(counters, f"verify/{args.inspector}/no_changed_field")
+                continue
             out.append({"id": c["id"], "gold": gold["gold"], "reasons": gold["reasons"], "accuracies": accs,
-                        "best": C.select_best_trajectory(parsed, gold["gold"])})
+                        "best": C.select_best_trajectory(parsed, gold["gold"]),
+                        **({"changed": gold["changed"]} if args.noop_check else {})})
         C.append_jsonl(paths["inspected"], out)
-    return {r["id"]: r for r in C.read_jsonl(paths["inspected"], required=("id", "gold", "best"))}
+    rows = {r["id"]: r for r in C.read_jsonl(paths["inspected"], required=("id", "gold", "best"))}
+    if args.noop_check and any("changed" not in r for r in rows.values()):
+        raise C.DataError(f"{paths['inspected']} was written without --noop_check (rows lack \"changed\"); "
+                          f"delete it to inspect again with the no-op question")
+    return rows
 
 
 def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
@@ -351,7 +360,8 @@ def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
             t_only.append({**base, "target": tr[i]["text"], "trajectory": i})
         # the inspector's record keeps the paper's choice ("best"); the target follows --tie_score
         gold = inspected.get(c["id"], {}).get("gold")
-        best = None if gold is None else C.select_best_trajectory(tr, gold, args.tie_score)
+        changed = inspected.get(c["id"], {}).get("changed") if args.noop_check else None
+        best = None if gold is None else C.select_best_trajectory(tr, gold, args.tie_score, changed)
         if best is not None:
             tv.append({**base, "target": tr[best]["text"], "trajectory": best})
     for name, rows in (("sft_think_verify", tv), ("sft_think_only", t_only)):

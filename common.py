@@ -253,17 +253,23 @@ INSPECT_SYSTEM = (
     "and do not copy them. For every question, in order, give the correct answer (1 = yes, "
     "0 = no) and a one-line reason. Answer with one JSON object: "
     '{"gold": [{"question": <number>, "gold": 0 or 1, "reason": "..."}]}.')
+# build_data.py --noop_check (an ablation beyond the paper): the inspector also says whether the
+# edit changed anything, so that selection can enforce METHOD.md's score rule "a no-op scores 0".
+INSPECT_CHANGED = (' Also say whether the edited image differs from the source in any way: add '
+                   '"changed": true or false to the object.')
 
 
-def inspector_messages(instruction: str, principles: list[dict], trajectories: list[str]) -> list[dict]:
-    """Messages for the external inspector (build_data.py step 4).
+def inspector_messages(instruction: str, principles: list[dict], trajectories: list[str],
+                       ask_changed: bool = False) -> list[dict]:
+    """Messages for the external inspector (build_data.py step 4); ask_changed adds the
+    question "did anything change?" (build_data.py --noop_check).
 
     >>> m = inspector_messages("x", [{"question": "q?", "category": "keep"}], ["<score>3</score>"])
     >>> "Candidate 1" in m[1]["content"][-1]["text"]
     True
     """
     cands = "\n\n".join(f"Candidate {i}:\n{t}" for i, t in enumerate(trajectories, 1))
-    return _msgs(INSPECT_SYSTEM, [
+    return _msgs(INSPECT_SYSTEM + (INSPECT_CHANGED if ask_changed else ""), [
         {"type": "text", "text": "Source:"}, {"type": "image"},
         {"type": "text", "text": "Edited:"}, {"type": "image"},
         {"type": "text", "text": f"Instruction: {instruction}\nQuestions:\n"
@@ -426,16 +432,20 @@ def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
 
 
 def parse_inspector(text: Any, n_principles: int) -> dict:
-    """Parse the inspector's {"gold": [{question, gold, reason}, ...]}. Never raises.
+    """Parse the inspector's {"gold": [{question, gold, reason}, ...][, "changed": bool]}.
+    Never raises.
 
-    Returns {"status": "ok" | "error", "gold": list[int] | None, "reasons": list[str], "reason"}.
+    Returns {"status": "ok" | "error", "gold": list[int] | None, "reasons": list[str], "reason",
+    "changed": True / False, or None when the answer has no boolean "changed"}.
 
     >>> parse_inspector('{"gold": [{"question": 1, "gold": 1, "reason": "red"}, {"question": 2, "gold": 0, "reason": "moved"}]}', 2)["gold"]
     [1, 0]
     >>> parse_inspector('{"gold": [{"question": 1, "gold": 1}]}', 2)["reason"]
     'expected 2 gold labels, got 1'
+    >>> parse_inspector('{"gold": [{"question": 1, "gold": 0}], "changed": false}', 1)["changed"]
+    False
     """
-    out = {"status": "error", "gold": None, "reasons": [], "reason": ""}
+    out = {"status": "error", "gold": None, "reasons": [], "reason": "", "changed": None}
     if not isinstance(text, str):
         out["reason"] = "output is not a string"
         return out
@@ -454,7 +464,8 @@ def parse_inspector(text: Any, n_principles: int) -> dict:
         if len(gold) != n_principles:
             out["reason"] = f"expected {n_principles} gold labels, got {len(gold)}"
             return out
-        out.update(status="ok", gold=gold, reasons=reasons)
+        changed = data.get("changed")
+        out.update(status="ok", gold=gold, reasons=reasons, changed=changed if isinstance(changed, bool) else None)
         return out
     out["reason"] = 'no JSON object with a "gold" list found'
     return out
@@ -569,7 +580,8 @@ def verification_accuracy(points: list[int] | None, gold: list[int]) -> float | 
     return sum(int(p == g) for p, g in zip(points, gold)) / len(gold)
 
 
-def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str = "higher") -> int | None:
+def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str = "higher",
+                           changed: bool | None = None) -> int | None:
     """Index of the SFT target among K parsed trajectories (build_data.py steps 4 and 5).
 
     Paper's rule: highest verification accuracy; ties -> higher average_score, then higher
@@ -577,6 +589,8 @@ def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str =
     never chosen. None if none qualifies. tie_score="lower" breaks the last tie the other way
     (the stricter of equally verified trajectories; an ablation, see README "build_data.py":
     in the mini world the paper's rule selects the pool's lenient scores, no-ops included).
+    changed=False (build_data.py --noop_check: the inspector saw no change at all) puts the
+    trajectories that obey METHOD.md's "a no-op scores 0" first, then the rules above.
 
     >>> mk = lambda pts, s: parse_rrm_output(format_rrm_output("", pts, s))
     >>> trajs = [mk([1, 0, 0], 3), mk([1, 1, 0], 5), mk([1, 1, 0], 6), mk([0, 0, 1], 9)]
@@ -584,6 +598,8 @@ def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str =
     2
     >>> select_best_trajectory(trajs, gold=[1, 1, 1], tie_score="lower")
     1
+    >>> select_best_trajectory(trajs + [mk([0, 0, 1], 0)], gold=[0, 0, 1], changed=False)  # 3 ties 4 on points
+    4
     """
     if tie_score not in ("higher", "lower"):
         raise ValueError(f"tie_score must be 'higher' (the paper's) or 'lower', not {tie_score!r}")
@@ -594,7 +610,8 @@ def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str =
             continue
         avg = sum(p["points"]) / len(p["points"])
         score = p["score"] if tie_score == "higher" else -p["score"]
-        key = (acc, avg, score, -i)  # max over this tuple == the paper's tie rules
+        noop_rule = int(changed is not False or p["score"] == 0)   # 1 unless it scores a no-op
+        key = (noop_rule, acc, avg, score, -i)  # max over this tuple == the paper's tie rules
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best

@@ -398,7 +398,12 @@ def inspector(messages, images, rng=None, config: WorldConfig = DEFAULT) -> str:
             reason = "objects outside the edit " + ("kept" if g else "added or removed")
         flip = int(rng.random() < INSPECTOR_FLIP)
         out.append({"question": i, "gold": g ^ flip, "reason": reason})
-    return json.dumps({"gold": out})
+    if '"changed"' not in prompt["system"]:
+        return json.dumps({"gold": out})
+    # asked whether anything changed (build_data.py --noop_check): the scene as seen, with
+    # the same error rate as a gold label; noise alone is not a change (world.utility's no-op)
+    changed = (edited != source) ^ bool(rng.random() < INSPECTOR_FLIP)
+    return json.dumps({"gold": out, "changed": changed})
 
 
 def decomposer(messages, images, config: WorldConfig = DEFAULT) -> str:

@@ -250,6 +250,45 @@ def test_tie_score_lower_only_breaks_ties_the_other_way(gt_run, tmp_path):
     assert said(lower) > said(paper)
 
 
+def test_noop_check_makes_the_inspectors_no_ops_score_zero(gt_run, tmp_path):
+    """--noop_check, on a copy of a finished run with its inspection redone: the inspector
+    also answers "changed"; it is right about the world's no-ops but for its error rate; a
+    target of an edit it calls a no-op scores 0 whenever a trajectory does; every other
+    target is the paper's pick (under this inspection: the extra answer moves the inspector's
+    draws, so its gold labels are not the first run's). A run inspected without the flag is
+    refused, naming the file."""
+    import shutil
+    from miniworld import sim, world
+    args, _ = gt_run
+    shutil.copytree(os.path.join(args.run_dir, "data"), tmp_path / "data")
+    noop_args = dataclasses.replace(args, run_dir=str(tmp_path), noop_check=True)
+    with pytest.raises(C.DataError, match="inspected.jsonl was written without --noop_check"):
+        build_data.main(noop_args)
+    os.remove(tmp_path / "data" / "inspected.jsonl")
+    build_data.main(noop_args)
+    paper, checked = load(args.run_dir, "sft_think_verify"), load(tmp_path, "sft_think_verify")
+    trajs = {r["id"]: r["trajectories"] for r in load(args.run_dir, "trajectories")}
+    insp = {r["id"]: r for r in load(tmp_path, "inspected")}
+    ctx = {r["id"]: r for r in load(args.run_dir, "contexts")}
+    cands = {r["id"]: r for r in load(args.run_dir, "candidates")}
+    assert [r["id"] for r in checked] == [r["id"] for r in paper]
+    assert load(tmp_path, "sft_think_only") == load(args.run_dir, "sft_think_only")
+    right, switched = [], 0
+    for a, b in zip(paper, checked):
+        called_noop = insp[a["id"]]["changed"] is False
+        c = cands[a["id"]]
+        src = C.load_image(ctx[c["context_id"]]["source"])
+        right.append(called_noop == (world.perceive(C.load_image(c["image"])) == world.perceive(src)))
+        tr = trajs[a["id"]]
+        if not called_noop:  # the paper's pick under this inspection ("best")
+            assert b["trajectory"] == insp[a["id"]]["best"]
+        elif any(t["status"] == "ok" and t["score"] == 0 for t in tr):
+            assert tr[b["trajectory"]]["score"] == 0
+            switched += insp[a["id"]]["best"] != b["trajectory"]
+    assert switched > 0
+    assert sum(right) / len(right) >= 1 - 3 * sim.INSPECTOR_FLIP, sum(right) / len(right)
+
+
 def test_rerun_of_a_finished_run_adds_nothing(tmp_path):
     args = tiny_args(tmp_path, editors="mini:faithful,mini:lazy")
     first = build_data.main(args)
