@@ -359,6 +359,7 @@ def step_sft_sets(cands, ctx_by_id, trajs, inspected, args, paths):
             i = rng.choice(ok)
             t_only.append({**base, "target": tr[i]["text"], "trajectory": i})
         # the inspector's record keeps the paper's choice ("best"); the target follows --tie_score
+        # and --noop_check
         gold = inspected.get(c["id"], {}).get("gold")
         changed = inspected.get(c["id"], {}).get("changed") if args.noop_check else None
         best = None if gold is None else C.select_best_trajectory(tr, gold, args.tie_score, changed)

@@ -610,8 +610,8 @@ def select_best_trajectory(parsed: list[dict], gold: list[int], tie_score: str =
             continue
         avg = sum(p["points"]) / len(p["points"])
         score = p["score"] if tie_score == "higher" else -p["score"]
-        noop_rule = int(changed is not False or p["score"] == 0)   # 1 unless it scores a no-op
-        key = (noop_rule, acc, avg, score, -i)  # max over this tuple == the paper's tie rules
+        noop_rule = int(changed is not False or p["score"] == 0)   # 0: it scores a no-op above 0
+        key = (noop_rule, acc, avg, score, -i)  # noop_rule all 1: max == the paper's tie rules
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best
