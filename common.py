@@ -509,11 +509,29 @@ DEFAULT_WEIGHTS = {"follow": 0.5, "keep": 0.3, "quality": 0.2}
 DEFAULT_COSTS = {"follow": 4.0, "keep": 5.0, "quality": 2.0}   # points lost per failed principle
 
 
+def fails_every_follow(points: list[int], principles: list[dict]) -> bool:
+    """True when there is a Follow principle and every Follow point is 0 (aggregate_score's
+    follow_gate; what the points of a no-op look like).
+
+    >>> ps = [{"category": "follow"}, {"category": "follow"}, {"category": "keep"}]
+    >>> fails_every_follow([0, 0, 1], ps), fails_every_follow([0, 1, 1], ps), fails_every_follow([0], ps[2:])
+    (True, False, False)
+    """
+    follow = [p for p, pr in zip(points, principles) if pr["category"] == "follow"]
+    return bool(follow) and not any(follow)
+
+
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
-                    weights: dict | None = None, costs: dict | None = None) -> float | None:
+                    weights: dict | None = None, costs: dict | None = None,
+                    follow_gate: bool = False) -> float | None:
     """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
     weights / costs: per-category dicts for "weighted" / "deductions" and "capped" (None = the
     defaults below; a given dict must name all three categories).
+    follow_gate=True (any mode): 0 when the RRM's own points fail every Follow principle, else
+    the mode's score. METHOD.md: "a no-op edit scores 0"; from the points alone a no-op and an
+    edit that made none of the requested changes look alike (every Follow fails), so the gate
+    scores both 0; otherwise it only passes the mode's score on. It needs that score and one
+    point per principle (else None); with no Follow principle it never fires.
 
     mode="holistic" (default, the paper's reward): the number inside <score>.
     mode="weighted": 10 * sum_c w_c * mean(points in category c) / sum_c w_c over the
@@ -543,7 +561,15 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     >>> noop = parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 0.5))
     >>> aggregate_score(noop, ps, "deductions"), aggregate_score(noop, ps, "capped")       # 10 - 4; min(0.5, 6)
     (6.0, 0.5)
+    >>> lenient = parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 7.5))    # a no-op scored 7.5
+    >>> aggregate_score(lenient, ps, follow_gate=True), aggregate_score(parsed, ps, follow_gate=True)
+    (0.0, 6.0)
     """
+    if follow_gate:
+        score, pts = aggregate_score(parsed, principles, mode, weights, costs), parsed.get("points")
+        if score is None or principles is None or pts is None or len(pts) != len(principles):
+            return None
+        return 0.0 if fails_every_follow(pts, principles) else score
     if mode == "holistic":
         return parsed["score"] if parsed["status"] == "ok" else None
     if mode not in ("weighted", "deductions", "capped"):

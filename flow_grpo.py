@@ -95,6 +95,7 @@ class Args:
     reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs), mini:<member> (the mini world's simulated verifier, an ablation) or mini:truth (its exact utility: the oracle ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
+    follow_gate: bool = field(default=False, metadata={"help": "reward 0 when the RRM's own points fail every Follow principle (common.aggregate_score: METHOD's 'a no-op scores 0' from the verdicts; the mini judges score no-ops ~8.4 though their verdicts fail every Follow)"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
     rrm_batch_size: int = field(default=128, metadata={"help": "edits per RRM generate call (mini: 128 = one step's 8 x 16 in one call, 8.1 s on 2 CPU threads where 4 calls of 32 take 10.9 s; GPU: what memory allows)"})
     unparseable: str = field(default="exclude", metadata={"help": "an unparseable RRM answer (counted either way): exclude (no part in its group's statistics, advantage 0: the judge failed, not the edit) or zero (reward 0, pushes the editor towards edits the RRM can parse)"})
@@ -428,7 +429,7 @@ def make_judge(args: Args, device, counters: dict):
         recs = []
         for r, src, ed, p in zip(rows, srcs, edits, parsed):
             ps = r["principles"]
-            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode), "category": r.get("category", "")}
+            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, follow_gate=args.follow_gate), "category": r.get("category", "")}
             if p.get("points") is not None and len(p["points"]) == len(ps):
                 for v, pr in zip(p["points"], ps):
                     rec.setdefault(f"rrm_{pr['category']}", []).append(v)

@@ -115,20 +115,8 @@ def describe_image(image) -> str:
 
 
 def describe_change(a, b) -> str:
-    """Cell-by-cell difference between two perceived scenes."""
-    sa, sb = world.perceive(a), world.perceive(b)
-    names = world.cell_names(world.DEFAULT.grid)
-    changes = []
-    if sa.background != sb.background:
-        changes.append(f"background {sa.background} -> {sb.background}")
-    for cell in sorted(names):
-        oa, ob = world.object_at(sa, cell), world.object_at(sb, cell)
-        if oa == ob:
-            continue
-        before = f"{oa.color} {oa.shape}" if oa else "empty"
-        after = f"{ob.color} {ob.shape}" if ob else "empty"
-        changes.append(f"{names[cell]} {before} -> {after}")
-    return "; ".join(changes) or "nothing"
+    """Cell-by-cell difference between two perceived images (world.describe_change)."""
+    return world.describe_change(world.perceive(a), world.perceive(b))
 
 
 def target_text(a, b) -> str:

@@ -146,6 +146,20 @@ def describe(scene: Scene, config: WorldConfig = DEFAULT) -> str:
                      [f"{o.color} {o.shape} at {names[o.cell]}" for o in scene.objects])
 
 
+def describe_change(a: Scene, b: Scene, config: WorldConfig = DEFAULT) -> str:
+    """Cell-by-cell difference between two scenes, 'nothing' if none (the RRM base's
+    pretraining wording, miniworld/pretrain_rrm.py task 1):
+    'background grey -> blue; top left red circle -> green circle; center empty -> blue square'"""
+    names = cell_names(config.grid)
+    changes = [f"background {a.background} -> {b.background}"] if a.background != b.background else []
+    for cell in sorted(names):
+        oa, ob = object_at(a, cell), object_at(b, cell)
+        if oa != ob:
+            changes.append(f"{names[cell]} {f'{oa.color} {oa.shape}' if oa else 'empty'} -> "
+                           f"{f'{ob.color} {ob.shape}' if ob else 'empty'}")
+    return "; ".join(changes) or "nothing"
+
+
 @lru_cache(maxsize=None)
 def shape_masks(cell: int) -> dict:
     """Boolean (cell, cell) masks of each shape, centred in its cell with a 1/8 margin.

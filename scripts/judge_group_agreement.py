@@ -10,9 +10,11 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
 
   agreement   pooled correlation of the group-standardised reward with the group-standardised
               true utility (edits of groups where both vary), for the reward rules
-              holistic / deductions / capped (common.aggregate_score), beside a reference:
-              deductions on the TRUE verdicts (perfect eyes, but blind to the no-op rule,
-              the human's 0 for an edit that changed nothing);
+              holistic / deductions / capped (common.aggregate_score), each also with the
+              follow gate (0 when the judge's own points fail every Follow), beside two
+              references: deductions on the TRUE verdicts (perfect eyes, but blind to the
+              no-op rule, the human's 0 for an edit that changed nothing), and the same with
+              the gate;
   flat groups groups whose reward is constant (no signal) although their truth varies;
   no-ops      the error split in two: the judge's own verdicts priced by the world with the
               true no-op rule, and the true verdicts with the judge's own no-op call ("nothing
@@ -95,9 +97,15 @@ def main(run: str, rrms: list) -> dict:
           f"contested principles {n_cont} of {sum(len(c) for c in contested)}; no-ops {int(noop.sum())} "
           f"(in {int(noop.any(1).sum())} groups)")
     ref, _, _ = standardised_corr(true_ded, util)
-    print(f"  reference: deductions on the true verdicts (no no-op rule) agreement {ref:.3f}")
+    true_gate = np.array([[C.fails_every_follow(v, r["principles"]) for v in vs] for r, vs in zip(rows, gt)])
+    ref_gate, _, _ = standardised_corr(np.where(true_gate, 0.0, true_ded), util)
+    print(f"  reference: deductions on the true verdicts (no no-op rule) agreement {ref:.3f}; "
+          f"with the Follow gate (0 if every Follow fails) {ref_gate:.3f}; the gate fires on "
+          f"{true_gate[noop].mean():.2f} of no-ops, {true_gate[~noop].mean():.3f} of real edits "
+          f"(their true utility {util[true_gate & ~noop].mean() if (true_gate & ~noop).any() else float('nan'):.2f})")
     report = {"util_mean": float(util.mean()), "util_group_std": float(util.std(1).mean()),
-              "contested": n_cont, "true_deductions_agreement": ref, "rrms": {}}
+              "contested": n_cont, "true_deductions_agreement": ref,
+              "true_deductions_follow_gate_agreement": ref_gate, "rrms": {}}
 
     # 3. each RRM: rewards under each rule, and its verdicts on contested vs uncontested principles
     flat = [(r, s, e) for r, s, es in zip(rows, srcs, edits) for e in es]
@@ -109,14 +117,15 @@ def main(run: str, rrms: list) -> dict:
                            [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
                            temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
         rep = {}
-        for mode in ("holistic", "deductions", "capped"):
-            per = [[x for x in (C.aggregate_score(a, r["principles"], mode) for a in o) if x is not None]
+        for mode, gate in [(m, g) for g in (False, True) for m in ("holistic", "deductions", "capped")]:
+            per = [[x for x in (C.aggregate_score(a, r["principles"], mode, follow_gate=gate) for a in o) if x is not None]
                    for (r, _, _), o in zip(flat, outs)]
             rew = np.array([np.mean(v) if v else np.nan for v in per]).reshape(len(rows), G)
             corr, used, nflat = standardised_corr(rew, util)
-            rep[mode] = {"agreement": corr, "groups": used, "flat_groups": nflat,
+            name = mode + ("_follow_gate" if gate else "")  # gated: 0 when its own points fail every Follow
+            rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
-            print(f"  {os.path.basename(rrm.rstrip('/')):14s} {mode:10s} agreement {corr:.3f} over {used} groups; "
+            print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "
                   f"constant reward in {nflat} groups whose truth varies; mean {np.nanmean(rew):.2f}; "
                   f"unscored {int(np.isnan(rew).sum())}")
         right = {}
@@ -150,6 +159,12 @@ def main(run: str, rrms: list) -> dict:
                             "score_on_noops": float(np.nanmean(hol[noop])) if noop.any() else float("nan"),
                             "utility_of_false_calls": float(util[said_noop & ~noop].mean()) if (said_noop & ~noop).any() else float("nan"),
                             "utility_of_other_edits": float(util[~said_noop & ~noop].mean())}
+        # 4b. the follow gate (aggregate_score's follow_gate): how often it fires, on no-ops and on real edits
+        gate = np.array([bool(ok) and C.fails_every_follow(o[0]["points"], r["principles"])
+                         for (r, _, _), o, ok in zip(flat, outs, pts_ok)]).reshape(len(rows), G)
+        rep["gate_on_noops"] = float(gate[noop].mean()) if noop.any() else float("nan")
+        rep["gate_on_others"] = float(gate[~noop].mean())
+        print(f"     gate fires on {rep['gate_on_noops']:.2f} of no-ops, {rep['gate_on_others']:.3f} of real edits")
         print(f"     its verdicts + the true no-op rule: agreement {rep['its_verdicts_true_noop']:.3f}; "
               f"true verdicts + its no-op call: {rep['true_verdicts_its_noop']:.3f}")
         print(f"     says 'nothing changed' on {rep['noop_call']['said_on_noops']:.2f} of no-ops, "

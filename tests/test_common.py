@@ -245,6 +245,33 @@ def test_deductions_aggregate():
     assert C.aggregate_score(bad_score, ps, "deductions") == 5.0   # ... deductions reads the points only
 
 
+def test_follow_gate_scores_zero_when_every_follow_fails():
+    """follow_gate: 0 exactly when the points fail every Follow principle, in every mode; else
+    the mode's own score. With true verdicts, gated deductions is the mini world's utility of a
+    no-op (0) and of any edit that meets a Follow; it differs only for a real edit that meets
+    none (the points cannot tell it from a no-op)."""
+    from miniworld import world
+    ps = [{"question": q, "category": c} for q, c in
+          (("a", "follow"), ("b", "follow"), ("c", "keep"), ("d", "keep"), ("e", "quality"))]
+    for pts in itertools.product([0, 1], repeat=5):
+        parsed = C.parse_rrm_output(C.format_rrm_output("", list(pts), 7.5))
+        for mode in ("holistic", "weighted", "deductions", "capped"):
+            gated = C.aggregate_score(parsed, ps, mode, follow_gate=True)
+            assert gated == (0.0 if pts[0] == pts[1] == 0 else C.aggregate_score(parsed, ps, mode)), (pts, mode)
+        gated = C.aggregate_score(parsed, ps, "deductions", follow_gate=True)
+        if pts[0] == pts[1] == 0:
+            assert gated == world.utility_from_verdicts(list(pts), ps, noop=True) == 0.0
+        else:
+            assert gated == world.utility_from_verdicts(list(pts), ps, noop=False)
+    no_follow = ps[2:]
+    parsed = C.parse_rrm_output(C.format_rrm_output("", [0, 0, 0], 2.0))
+    assert C.aggregate_score(parsed, no_follow, follow_gate=True) == 2.0   # nothing to gate on
+    assert C.aggregate_score(parsed, ps, follow_gate=True) is None           # wrong count of points
+    assert C.aggregate_score(C.parse_rrm_output("<score>9</score>"), ps, follow_gate=True) is None  # no points
+    with pytest.raises(ValueError):
+        C.aggregate_score(parsed, no_follow, "median", follow_gate=True)
+
+
 def test_gedit_scores():
     assert C.gedit_scores([8, 6], [9, 4]) == {"SC": 6.0, "PQ": 4.0, "O": math.sqrt(24)}
     assert C.gedit_scores(None, [9, 4])["O"] is None

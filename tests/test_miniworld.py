@@ -95,6 +95,11 @@ def test_describe_and_positions():
     assert world.describe(scene) == "grey background; red circle at top left; blue square at center"
     assert [world.cell_names(3)[(r, 2)] for r in range(3)] == ["top right", "right", "bottom right"]
     assert world.cell_from_name("bottom", 3) == (2, 1)
+    edited = make_scene("blue", [Obj("square", "blue", (1, 1)), Obj("circle", "green", (0, 0)),
+                                 Obj("triangle", "red", (2, 2))])
+    assert world.describe_change(scene, scene) == "nothing"
+    assert world.describe_change(scene, edited) == ("background grey -> blue; top left red circle -> green circle; "
+                                                    "bottom right empty -> red triangle")
 
 
 # =========================================================================================
