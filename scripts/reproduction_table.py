@@ -37,17 +37,23 @@ def run_values(run: str) -> dict:
     # 4. the change over the base, paired: every editor edits (context, draw) from the same
     # starting noise, so the difference per context (mean over its draws) cancels the noise
     # the editors share; its standard error over contexts says what one run can resolve.
-    base = {(r["id"], r.get("draw", 0)): r["utility"] for r in recs if r["editor"] == "base" and r.get("utility") is not None}
     out["draws"] = len({r.get("draw", 0) for r in recs})
     for ed in ("flow_grpo_sft", "flow_grpo_gcpo"):
-        per = {}
-        for r in recs:
-            if r["editor"] == ed and (r["id"], r.get("draw", 0)) in base:
-                per.setdefault(r["id"], []).append(r["utility"] - base[(r["id"], r.get("draw", 0))])
-        d = [float(np.mean(v)) for v in per.values()]
-        out[f"delta_{ed}"] = float(np.mean(d)) if d else None
-        out[f"delta_se_{ed}"] = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+        out[f"delta_{ed}"], out[f"delta_se_{ed}"] = paired_change(recs, ed)
     return out
+
+
+def paired_change(recs: list[dict], ed: str) -> tuple:
+    """(mean, standard error over contexts) of editor ed's utility minus the base's on the
+    same (context, draw), averaged per context first; (None, None) without shared edits."""
+    base = {(r["id"], r.get("draw", 0)): r["utility"] for r in recs if r["editor"] == "base" and r.get("utility") is not None}
+    per = {}
+    for r in recs:
+        if r["editor"] == ed and (r["id"], r.get("draw", 0)) in base:
+            per.setdefault(r["id"], []).append(r["utility"] - base[(r["id"], r.get("draw", 0))])
+    d = [float(np.mean(v)) for v in per.values()]
+    return (float(np.mean(d)) if d else None,
+            float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None)
 
 
 def paired(vals: list, ed: str) -> str:

@@ -66,3 +66,37 @@ def test_group_agreement_standardises_within_groups():
     zt = (t[0] - t[0].mean()) / t[0].std()
     zr = (r[0] - r[0].mean()) / r[0].std()
     assert np.isclose(JG.standardised_corr(r, t)[0], float(np.mean(zr * zt)))
+
+
+def test_editor_changes_pairs_and_counts_noops(tmp_path):
+    """scripts/editor_changes.py: on two world contexts, an editor that copies the source
+    (every edit a no-op, utility 0) against one that draws the exact target (utility 10):
+    no-op shares 1 and 0, the paired change +10 with standard error 0, pass rates from gt."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import editor_changes as EC
+    from miniworld import world
+    run = tmp_path / "run"
+    os.makedirs(run / "data")
+    recs = []
+    with open(run / "data" / "contexts.jsonl", "w") as f:
+        for c in world.sample_contexts("test", 2, seed=3):
+            src, tgt = str(tmp_path / f"{c['id']}_src.png"), str(tmp_path / f"{c['id']}_tgt.png")
+            c["source_image"].save(src)
+            c["target_image"].save(tgt)
+            f.write(json.dumps({"id": c["id"], "source": src, "principles": c["principles"]}) + "\n")
+            for ed, img in (("base", src), ("exact", tgt)):
+                for k in range(2):
+                    recs.append({"editor": ed, "id": c["id"], "draw": k, "image": img,
+                                 "gt": world.ground_truth(c["source_image"], c["instruction"], c["principles"],
+                                                          c[f"{'source' if ed == 'base' else 'target'}_image"]),
+                                 "utility": world.utility(c["source_image"], c["instruction"], c["principles"],
+                                                          c[f"{'source' if ed == 'base' else 'target'}_image"])})
+    os.makedirs(run / "eval")
+    with open(run / "eval" / "editing_samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    base, exact = EC.editor_rows(str(run / "eval"))
+    assert (base["editor"], base["edits"], base["utility"], base["noop"], base["delta"]) == ("base", 4, 0.0, 1.0, None)
+    assert base["follow"] == 0.0 and base["keep"] == 1.0
+    assert (exact["utility"], exact["noop"], exact["delta"], exact["delta_se"]) == (10.0, 0.0, 10.0, 0.0)
+    assert exact["follow"] == exact["keep"] == 1.0
