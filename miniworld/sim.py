@@ -67,7 +67,12 @@ by side:
     "q1 top left: want green circle, see green circle, yes. q2 center: want red square,
      see blue square, no. q3 background: want grey, see grey, yes. q4 other cells: want
      same, see top right added, no. q5 noise: want none, see noisy, no."
-("other cells": the cells the edit had to leave alone whose occupancy changed). With DESCRIBE_IMAGES = True the
+("other cells": the cells the edit had to leave alone whose occupancy changed). With
+CHANGE_LINE (env MINIWORLD_CHANGE_LINE=1, an ablation) the reasoning opens with what the member
+saw change, in the RRM base's pretraining words (world.describe_change, miniworld/pretrain_rrm.py
+task 1): "changed: top left red circle -> green circle. q1 ..." or, for an edit it sees as a
+no-op (score 0), "changed: nothing. q1 ..."; without it a no-op's reasoning ends "nothing
+changed." (says_noop() reads both). With DESCRIBE_IMAGES = True the
 reasoning first describes both images in full ("source: ... edited: ..."); the default
 leaves that out: it doubles the answer's length, and with it the same 250 SFT steps gave
 held-out pairwise accuracy 0.16 instead of 0.28 (80 val pairs, one seed).
@@ -89,6 +94,7 @@ when the utilities differ by less than same_margin, optional label-noise flips.
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 
@@ -100,7 +106,7 @@ from common import (CATEGORY_DISPLAY, DECOMPOSE_SYSTEM, INSPECT_SYSTEM, PQ_SYSTE
                     format_principles, format_rrm_output, inspector_messages,
                     normalize_category, verify_messages)
 from miniworld.world import (BACKGROUNDS, COLORS, DEFAULT, DIRECTIONS, SHAPES, Obj,
-                             WorldConfig, add_noise, apply_edit, cell_from_name, cell_names, check_principles,
+                             WorldConfig, add_noise, apply_edit, cell_from_name, cell_names, check_principles, describe_change,
                              describe, free_cells, ground_truth, involved_cells, is_noisy, make_scene,
                              noise_level, object_at, parse_instruction, parse_question,
                              perceive, pick, principles_for, render, sample_contexts, utility)
@@ -293,6 +299,9 @@ def member_view(member, source, edited, noisy, spec, temperature, rng, config=DE
 
 
 DESCRIBE_IMAGES = False  # True: the reasoning first describes both images in full (see the docstring)
+# True (env MINIWORLD_CHANGE_LINE=1, an ablation): the reasoning opens with what the member saw
+# change, in the RRM base's pretraining words (see the docstring)
+CHANGE_LINE = os.environ.get("MINIWORLD_CHANGE_LINE", "0") == "1"
 
 
 def _observe(question, src, ed, noisy, spec, config):
@@ -330,6 +339,11 @@ def _observe(question, src, ed, noisy, spec, config):
     return f"{place}: want {want}, see {see}"
 
 
+def says_noop(text: str) -> bool:
+    """Whether a trajectory calls the edit a no-op, in either wording of verifier()."""
+    return "changed: nothing." in text or "nothing changed." in text
+
+
 def member_score(member, points, principles, noop) -> float:
     """The member's own (biased) aggregate of its points, 0..10 in steps of 0.5."""
     if noop or not points:
@@ -362,7 +376,10 @@ def verifier(member, messages, images, temperature=0.0, rng=None, config: WorldC
         checks.append(f"q{i + 1} {_observe(p['question'], src, ed, noisy, spec, config)}, "
                       f"{'unsure, no' if doubt else 'yes' if v else 'no'}.")
     noop = ed == src
-    reasoning = " ".join(checks) + (" nothing changed." if noop else "")
+    if CHANGE_LINE:  # first what the member sees changed ("changed: nothing" for a no-op), then the checks
+        reasoning = f"changed: {describe_change(src, ed, config)}. " + " ".join(checks)
+    else:
+        reasoning = " ".join(checks) + (" nothing changed." if noop else "")
     if DESCRIBE_IMAGES:
         reasoning = (f"source: {describe(src, config)}. edited: {describe(ed, config)}"
                      f"{'; noisy' if noisy else ''}. " + reasoning)

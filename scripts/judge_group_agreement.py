@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 from judge_blind_spots import failure_reason  # noqa: E402
-from miniworld import world as W  # noqa: E402
+from miniworld import sim, world as W  # noqa: E402
 
 
 def standardised_corr(rewards: np.ndarray, truth: np.ndarray) -> tuple[float, int, int]:
@@ -143,10 +143,10 @@ def main(run: str, rrms: list) -> dict:
                     cell[0] += 1
                     cell[1] += int(pts[j] == g)
         # 4. split the RRM's error: its verdicts (with the true no-op rule) vs its no-op call
-        # (the pool and the SFT targets write "nothing changed." and score 0 for a no-op)
+        # (the pool and the SFT targets write "nothing changed." -- with sim.CHANGE_LINE "changed: nothing." -- and score 0)
         pts_ok = [o[0].get("points") is not None and len(o[0]["points"]) == len(r["principles"])
                   for (r, _, _), o in zip(flat, outs)]
-        said_noop = np.array(["nothing changed" in o[0].get("text", "") for o in outs]).reshape(len(rows), G)
+        said_noop = np.array([sim.says_noop(o[0].get("text", "")) for o in outs]).reshape(len(rows), G)
         judge_eyes = np.array([W.utility_from_verdicts(o[0]["points"], r["principles"], bool(nf)) if ok else np.nan
                                for (r, _, _), o, ok, nf in zip(flat, outs, pts_ok, noop.ravel())]).reshape(len(rows), G)
         true_eyes = np.array([W.utility_from_verdicts(v, r["principles"], bool(sn))

@@ -301,6 +301,27 @@ def test_strict_prompt_and_temperature():
     assert cold > 0.97 and 0.8 < hot < cold - 0.03  # temperature adds misperception
 
 
+def test_change_line_states_what_the_member_saw_change(monkeypatch):
+    """sim.CHANGE_LINE (MINIWORLD_CHANGE_LINE=1): a trajectory opens with what the member
+    saw change, in the RRM base's pretraining words; a no-op it sees as one reads
+    "changed: nothing." and scores 0; without the switch the old wording is unchanged."""
+    ctx = world.sample_contexts("val", 1, seed=5)[0]
+    msgs, rng = verify_messages(ctx["instruction"], ctx["principles"], "compact"), np.random.default_rng(0)
+    src, tgt = ctx["source_image"], ctx["target_image"]
+    say = lambda images: sim.verifier("lenient", msgs, images, 0.0, rng)  # noqa: E731
+    monkeypatch.setattr(sim, "CHANGE_LINE", True)
+    noop, done = say([src, src]), say([src, tgt])
+    want = world.describe_change(perceive(src), perceive(tgt))
+    assert noop.startswith("<think>changed: nothing. q1 ") and parse_rrm_output(noop)["score"] == 0
+    assert sim.says_noop(noop) and not sim.says_noop(done)
+    line = done.split(". q1 ")[0]  # the member's view may add a misperceived change (temperature 0: p .01 an object)
+    assert want != "nothing" and line.startswith("<think>changed: ") and want in line
+    assert parse_rrm_output(done)["score"] == 10
+    monkeypatch.setattr(sim, "CHANGE_LINE", False)
+    old = say([src, src])
+    assert old.startswith("<think>q1 ") and " nothing changed.</think>" in old and sim.says_noop(old)
+
+
 def test_inspector_accuracy_and_format(edits):
     rng, right, total = np.random.default_rng(4), 0, 0
     for _, ctx, img, gt, _ in edits:
