@@ -370,16 +370,39 @@ def _parse_points(text: str) -> list[int] | None:
     return None
 
 
+# A no-op call in the reasoning: the mini world's two wordings ("nothing changed." at the end,
+# "changed: nothing." in the change line of sim.CHANGE_LINE) and the plain phrasings a VLM uses.
+_UNCHANGED_RE = re.compile(r"\b(nothing (?:has |was )?changed|changed: nothing|no changes? (?:was |were |has been |have been )?made"
+                           r"|(?:is|are|looks|look) identical to the (?:original|source))\b", re.IGNORECASE)
+
+
+def says_nothing_changed(text: str) -> bool:
+    """Whether an RRM's reasoning (the text before its points) calls the edit a no-op.
+    METHOD.md: "a no-op edit scores 0"; aggregate_score(noop_call=True) reads this call.
+
+    >>> says_nothing_changed("changed: nothing. q1 left: want red circle, see green circle, no.")
+    True
+    >>> says_nothing_changed("The edited image is identical to the original."), says_nothing_changed("q1 ... yes.")
+    (True, False)
+    >>> says_nothing_changed("nothing else changed. <points>[]</points> nothing changed")  # only the reasoning counts
+    False
+    """
+    reasoning = text.split("<points>")[0] if "<points>" in text else text.split("[{")[0]
+    reasoning = re.sub(r"\bnothing else changed\b", "", reasoning, flags=re.IGNORECASE)
+    return bool(_UNCHANGED_RE.search(reasoning))
+
+
 def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
     """Parse an RRM trajectory. Never raises, never invents a score.
 
-    Returns {"status", "score", "points", "average", "flags", "reason"}:
+    Returns {"status", "score", "points", "average", "says_unchanged", "flags", "reason"}:
       status  "ok"            a final score in [0, 10] was found (flags may still be set)
               "no_score"      no <score>x</score> (or a non-number inside it)
               "out_of_range"  the score is outside [0, 10]; `score` is None, never clamped
       score   float | None    the holistic score, the default reward Phi(.)
       points  list[int] | None per-principle 0/1 in order
       average float | None    the model's own average_score
+      says_unchanged bool     the reasoning calls the edit a no-op (says_nothing_changed)
       flags   e.g. "average_mismatch", "points_count_mismatch", "multiple_scores",
               "backslash_close_tag", "no_points", "no_average"
 
@@ -394,11 +417,12 @@ def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
     'no_score'
     """
     out = {"status": "no_score", "score": None, "points": None, "average": None,
-           "flags": [], "reason": ""}
+           "says_unchanged": False, "flags": [], "reason": ""}
     if not isinstance(text, str):
         out["reason"] = f"output is {type(text).__name__}, not a string"
         return out
     flags = out["flags"]
+    out["says_unchanged"] = says_nothing_changed(text)
     # Points and average are read even when the final score is missing: the inspector and
     # the weighted aggregate use them.
     out["points"] = _parse_points(text)
@@ -523,7 +547,7 @@ def fails_every_follow(points: list[int], principles: list[dict]) -> bool:
 
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
                     weights: dict | None = None, costs: dict | None = None,
-                    follow_gate: bool = False) -> float | None:
+                    follow_gate: bool = False, noop_call: bool = False) -> float | None:
     """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
     weights / costs: per-category dicts for "weighted" / "deductions" and "capped" (None = the
     defaults below; a given dict must name all three categories).
@@ -532,6 +556,11 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     edit that made none of the requested changes look alike (every Follow fails), so the gate
     scores both 0; otherwise it only passes the mode's score on. It needs that score and one
     point per principle (else None); with no Follow principle it never fires.
+    noop_call=True (any mode): 0 when the RRM's reasoning says the edit changed nothing
+    (parsed["says_unchanged"], says_nothing_changed), else the mode's score; None when the mode
+    has no score. Unlike the gate it tells a no-op from a failed attempt, if the RRM does. With
+    mode="deductions" it is METHOD's description of the score made a rule: a no-op 0, an
+    unrequested change (Keep) charged more than an unmet point (Follow).
 
     mode="holistic" (default, the paper's reward): the number inside <score>.
     mode="weighted": 10 * sum_c w_c * mean(points in category c) / sum_c w_c over the
@@ -564,7 +593,13 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     >>> lenient = parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 7.5))    # a no-op scored 7.5
     >>> aggregate_score(lenient, ps, follow_gate=True), aggregate_score(parsed, ps, follow_gate=True)
     (0.0, 6.0)
+    >>> called = parse_rrm_output(format_rrm_output("changed: nothing.", [0, 1, 1, 1], 7.5))
+    >>> aggregate_score(called, ps, "deductions", noop_call=True), aggregate_score(lenient, ps, "deductions", noop_call=True)
+    (0.0, 6.0)
     """
+    if noop_call:
+        score = aggregate_score(parsed, principles, mode, weights, costs, follow_gate)
+        return None if score is None else (0.0 if parsed.get("says_unchanged") else score)
     if follow_gate:
         score, pts = aggregate_score(parsed, principles, mode, weights, costs), parsed.get("points")
         if score is None or principles is None or pts is None or len(pts) != len(principles):

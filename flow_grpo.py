@@ -95,6 +95,7 @@ class Args:
     reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs), mini:<member> (the mini world's simulated verifier, an ablation) or mini:truth (its exact utility: the oracle ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
+    noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; README, session 17)"})
     follow_gate: bool = field(default=False, metadata={"help": "reward 0 when the RRM's own points fail every Follow principle (common.aggregate_score: METHOD's 'a no-op scores 0' from the verdicts; the mini judges score no-ops ~8.4 though their verdicts fail every Follow; an ablation: seed 0, test, paired: SFT-RRM -0.12, GCPO-RRM -0.32 against -0.02 / -0.10 without it, README)"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
     rrm_batch_size: int = field(default=128, metadata={"help": "edits per RRM generate call (mini: 128 = one step's 8 x 16 in one call, 8.1 s on 2 CPU threads where 4 calls of 32 take 10.9 s; GPU: what memory allows)"})
@@ -429,7 +430,8 @@ def make_judge(args: Args, device, counters: dict):
         recs = []
         for r, src, ed, p in zip(rows, srcs, edits, parsed):
             ps = r["principles"]
-            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, follow_gate=args.follow_gate), "category": r.get("category", "")}
+            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, follow_gate=args.follow_gate,
+                                                  noop_call=args.noop_call), "category": r.get("category", "")}
             if p.get("points") is not None and len(p["points"]) == len(ps):
                 for v, pr in zip(p["points"], ps):
                     rec.setdefault(f"rrm_{pr['category']}", []).append(v)

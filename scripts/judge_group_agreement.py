@@ -11,7 +11,9 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
   agreement   pooled correlation of the group-standardised reward with the group-standardised
               true utility (edits of groups where both vary), for the reward rules
               holistic / deductions / capped (common.aggregate_score), each also with the
-              follow gate (0 when the judge's own points fail every Follow), beside two
+              follow gate (0 when the judge's own points fail every Follow), and deductions /
+              weighted with the judge's no-op call (noop_call: 0 when its reasoning says
+              nothing changed), beside two
               references: deductions on the TRUE verdicts (perfect eyes, but blind to the
               no-op rule, the human's 0 for an edit that changed nothing), and the same with
               the gate;
@@ -117,12 +119,15 @@ def main(run: str, rrms: list) -> dict:
                            [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
                            temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
         rep = {}
-        for mode, gate in [(m, g) for g in (False, True) for m in ("holistic", "deductions", "capped")]:
-            per = [[x for x in (C.aggregate_score(a, r["principles"], mode, follow_gate=gate) for a in o) if x is not None]
-                   for (r, _, _), o in zip(flat, outs)]
+        rules = [(m, g, False) for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
+            [(m, False, True) for m in ("deductions", "weighted")]
+        for mode, gate, call in rules:
+            per = [[x for x in (C.aggregate_score(a, r["principles"], mode, follow_gate=gate, noop_call=call) for a in o)
+                    if x is not None] for (r, _, _), o in zip(flat, outs)]
             rew = np.array([np.mean(v) if v else np.nan for v in per]).reshape(len(rows), G)
             corr, used, nflat = standardised_corr(rew, util)
-            name = mode + ("_follow_gate" if gate else "")  # gated: 0 when its own points fail every Follow
+            # gated: 0 when its own points fail every Follow; noop_call: 0 when its reasoning says nothing changed
+            name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "")
             rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
             print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "

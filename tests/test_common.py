@@ -272,6 +272,34 @@ def test_follow_gate_scores_zero_when_every_follow_fails():
         C.aggregate_score(parsed, no_follow, "median", follow_gate=True)
 
 
+def test_noop_call_zeroes_a_called_noop_in_every_mode():
+    """aggregate_score(noop_call=True): 0 when the reasoning says nothing changed, else the
+    mode's own score. With true verdicts and a right call, deductions with the call IS the mini
+    world's utility, no-ops included (what the Follow gate gets wrong for a failed attempt)."""
+    from miniworld import world, sim
+    ps = [{"question": q, "category": c} for q, c in
+          (("a", "follow"), ("b", "follow"), ("c", "keep"), ("d", "keep"), ("e", "quality"))]
+    for pts in itertools.product([0, 1], repeat=5):
+        for noop in (False, True):
+            reasoning = "changed: nothing. q1 ..." if noop else "changed: top left red circle -> green circle. q1 ..."
+            parsed = C.parse_rrm_output(C.format_rrm_output(reasoning, list(pts), 7.5))
+            assert parsed["says_unchanged"] == noop == sim.says_noop(reasoning)
+            for mode in ("holistic", "weighted", "deductions", "capped"):
+                plain = C.aggregate_score(parsed, ps, mode)
+                assert C.aggregate_score(parsed, ps, mode, noop_call=True) == (0.0 if noop else plain), (pts, mode)
+            assert C.aggregate_score(parsed, ps, "deductions", noop_call=True) == \
+                world.utility_from_verdicts(list(pts), ps, noop=noop)
+    # the pool's other wording, plain VLM phrasings; an answer without a score stays None
+    for text in ("q1 left: want red, see green, no. nothing changed.", "No changes were made to the image.",
+                 "The edited image looks identical to the original."):
+        assert C.parse_rrm_output(text)["says_unchanged"], text
+    for text in ("q1 left: want red, see red, yes. q2 other cells: want same, see same, yes.",
+                 "The circle changed; nothing else changed.", None, ""):
+        assert not C.parse_rrm_output(text)["says_unchanged"], text
+    assert C.aggregate_score(C.parse_rrm_output("changed: nothing."), ps, "deductions", noop_call=True) is None
+    assert C.aggregate_score(C.parse_rrm_output("changed: nothing. <score>4</score>"), noop_call=True) == 0.0
+
+
 def test_gedit_scores():
     assert C.gedit_scores([8, 6], [9, 4]) == {"SC": 6.0, "PQ": 4.0, "O": math.sqrt(24)}
     assert C.gedit_scores(None, [9, 4])["O"] is None
