@@ -100,3 +100,17 @@ def test_editor_changes_pairs_and_counts_noops(tmp_path):
     assert base["follow"] == 0.0 and base["keep"] == 1.0
     assert (exact["utility"], exact["noop"], exact["delta"], exact["delta_se"]) == (10.0, 0.0, 10.0, 0.0)
     assert exact["follow"] == exact["keep"] == 1.0
+
+
+def test_base_perception_on_drawings_and_renders():
+    """scripts/base_perception_drawings.py: the committed base describes the world's renders
+    well (it was pretrained on them) and reports the same measures for the editor's drawings."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import base_perception_drawings as BP
+    from miniworld import pretrain_rrm as PR
+    sample_pair = PR.sample_pair
+    rep = BP.main(n=20)
+    assert PR.sample_pair is sample_pair                       # the patch is undone
+    assert set(rep) == {"renders", "drawings"} and rep["drawings"]["pairs"] == 20
+    assert rep["renders"]["object_accuracy"] > 0.8 and rep["renders"]["question_accuracy"] > 0.8
+    assert 0.0 <= rep["drawings"]["object_accuracy"] <= 1.0
