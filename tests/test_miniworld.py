@@ -413,3 +413,31 @@ def test_blind_spot_reasons_of_hand_made_failures():
     gt = world.ground_truth(render(SRC), "remove the blue square", ps_rm, render(SRC))  # a no-op
     assert [jbs.failure_reason(*world.parse_question(p["question"]), SRC) for g, p in zip(gt, ps_rm) if not g] \
         == ["still_there"]
+
+
+def test_target_verdicts_sorts_the_targets_points(tmp_path):
+    """scripts/target_verdicts.py: a target right about a reshaped kept square and one wrong
+    about it, hand-made; a target with too few points is counted apart."""
+    import importlib.util
+    import os
+    import sys
+    import common as C
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    spec = importlib.util.spec_from_file_location("tv", os.path.join(root, "scripts", "target_verdicts.py"))
+    tv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tv)
+    ins = "make the red circle yellow"
+    ps = world.principles_for(SRC, ins)
+    edited = _with(SRC, put=[Obj("circle", "yellow", (0, 0)), Obj("circle", "blue", (1, 1))])  # square -> circle
+    render(SRC).save(tmp_path / "s.png")
+    render(edited).save(tmp_path / "e.png")
+    right = [int(g) for g in world.ground_truth(render(SRC), ins, ps, render(edited))]
+    assert right.count(0) == 1
+    rows = [{"id": f"r{i}", "source": str(tmp_path / "s.png"), "edited": str(tmp_path / "e.png"), "instruction": ins,
+             "principles": ps, "target": C.format_rrm_output("", pts, 5.0)}
+            for i, pts in enumerate([right, [1] * len(ps), [1]])]
+    t = tv.table(rows)
+    assert t["keep shape"] == (2, 0.5) and t["unaligned"] == 1
+    n_keep = sum(p["category"] == "keep" for p in ps)
+    assert t["follow pass"] == (2, 1.0) and t["keep pass"] == (2 * (n_keep - 1), 1.0)
