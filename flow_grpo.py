@@ -96,6 +96,8 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
     noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; an ablation: seed 0 change-line judges, test, paired, with deductions: SFT-RRM -0.33, GCPO-RRM -0.27, Keep pass 0.90 -> 0.86; README, session 17)"})
+    oracle_keep_blind: float = field(default=0.0, metadata={"help": "--reward_backend mini:truth only: each truly failed Keep principle is passed with this probability (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and 0 this is exactly the oracle. An ablation: the judges' measured blind spot (they pass 0.4-0.8 of Keep failures) alone, every other verdict right (README, session 18)"})
+    reward_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to every reward (drawn per edit). An ablation: with mini:truth, a judge whose errors are random, at the within-group agreement the noise leaves (README, session 18)"})
     follow_gate: bool = field(default=False, metadata={"help": "reward 0 when the RRM's own points fail every Follow principle (common.aggregate_score: METHOD's 'a no-op scores 0' from the verdicts; the mini judges score no-ops ~8.4 though their verdicts fail every Follow; an ablation: seed 0, test, paired: SFT-RRM -0.12, GCPO-RRM -0.32 against -0.02 / -0.10 without it, README)"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
     rrm_batch_size: int = field(default=128, metadata={"help": "edits per RRM generate call (mini: 128 = one step's 8 x 16 in one call, 8.1 s on 2 CPU threads where 4 calls of 32 take 10.9 s; GPU: what memory allows)"})
@@ -407,8 +409,16 @@ def make_judge(args: Args, device, counters: dict):
         from miniworld import world as W
 
         def verdicts(reqs, prins, seeds):
-            return [{"status": "ok", "score": W.utility(src, ins, p, ed), "points": W.ground_truth(src, ins, p, ed)}
-                    for (src, ed, ins), p in zip(reqs, prins)]
+            out = []
+            for (src, ed, ins), p, s in zip(reqs, prins, seeds):
+                pts = W.ground_truth(src, ins, p, ed)
+                if args.oracle_keep_blind > 0:  # the blind spot: a failed Keep passes with probability q
+                    flips = np.random.default_rng([s % 2**32, 1]).random(len(p)) < args.oracle_keep_blind
+                    pts = [1 if (v == 0 and pr["category"] == "keep" and f) else v for v, pr, f in zip(pts, p, flips)]
+                # the world's own no-op call (nothing perceived changed), for --noop_call
+                out.append({"status": "ok", "score": W.utility(src, ins, p, ed), "points": pts,
+                            "says_unchanged": W.perceive(ed) == W.perceive(src)})
+            return out
     else:
         def verdicts(reqs, prins, seeds):
             msgs = [(C.verify_messages(ins, p, args.variant), [src, ed]) for (src, ed, ins), p in zip(reqs, prins)]
@@ -428,10 +438,12 @@ def make_judge(args: Args, device, counters: dict):
         parsed = verdicts([(s, e, r["instruction"]) for s, e, r in zip(srcs, edits, rows)],
                           [r["principles"] for r in rows], seeds)
         recs = []
-        for r, src, ed, p in zip(rows, srcs, edits, parsed):
+        for r, src, ed, p, seed in zip(rows, srcs, edits, parsed, seeds):
             ps = r["principles"]
             rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, follow_gate=args.follow_gate,
                                                   noop_call=args.noop_call), "category": r.get("category", "")}
+            if args.reward_noise > 0 and rec["reward"] is not None:  # the random-error ablation
+                rec["reward"] += float(np.random.default_rng([seed % 2**32, 2]).normal(0.0, args.reward_noise))
             if p.get("points") is not None and len(p["points"]) == len(ps):
                 for v, pr in zip(p["points"], ps):
                     rec.setdefault(f"rrm_{pr['category']}", []).append(v)
@@ -504,6 +516,8 @@ def main(args: Args) -> dict:
                           ("init_noise", ("sample", "group"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
+    if args.oracle_keep_blind > 0 and args.reward_backend != "mini:truth":
+        raise SystemExit("--oracle_keep_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
     set_seed(args.seed)  # same LoRA init everywhere; sampling noise is seeded per sample
 
     # INFRA: data (contexts.jsonl from build_data.py), policy pipeline with a LoRA, reward

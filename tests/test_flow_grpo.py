@@ -274,6 +274,38 @@ def test_truth_reward_is_the_worlds_utility(bases):
     assert rec["reward"] == rec["gt_utility"] == 10.0 and rec["rrm_follow"] == rec["gt_follow"]
 
 
+def test_oracle_ablations_corrupt_only_what_they_name(bases):
+    # deductions + the world's no-op call on the oracle's verdicts IS the utility; the Keep-blind
+    # oracle passes failed Keep principles and nothing else; the noise is seeded per edit
+    from miniworld import world as W
+    rows, srcs, _ = contexts(bases["run"], n=40)
+    for row, src in zip(rows, srcs):                                          # a target minus one kept object
+        spec = W.parse_instruction(row["instruction"], W.perceive(src))
+        target = W.apply_edit(W.perceive(src), spec)
+        kept = [o for o in target.objects if o.cell not in W.involved_cells(spec)]
+        if kept:
+            break
+    assert kept, "no context with a kept object in the fixture run"
+    bad = W.render(W.make_scene(target.background, [o for o in target.objects if o != kept[0]]))
+    edits, rws = [bad, src, W.render(target)], [row] * 3                      # Keep failure, no-op, right
+    exact = F.make_judge(targs(reward_backend="mini:truth", reward_mode="deductions", noop_call=True), "cpu", {})
+    recs = exact(rws, edits, [0, 1, 2])
+    assert [r["reward"] for r in recs] == [r["gt_utility"] for r in recs]
+    assert 0 in recs[0]["gt_keep"] and recs[1]["reward"] == 0.0 and recs[2]["reward"] == 10.0
+    blind = F.make_judge(targs(reward_backend="mini:truth", reward_mode="deductions", noop_call=True,
+                               oracle_keep_blind=1.0), "cpu", {})
+    b = blind(rws, edits, [0, 1, 2])
+    assert all(v == 1 for v in b[0]["rrm_keep"]) and b[0]["rrm_follow"] == b[0]["gt_follow"]
+    assert b[0]["reward"] > b[0]["gt_utility"] and [r["reward"] for r in b[1:]] == [0.0, 10.0]
+    noisy = F.make_judge(targs(reward_backend="mini:truth", reward_noise=2.0), "cpu", {})
+    n1, n2 = noisy(rws, edits, [0, 1, 2]), noisy(rws, edits, [0, 1, 5])
+    assert [r["reward"] for r in n1] == [r["reward"] for r in noisy(rws, edits, [0, 1, 2])]  # reproducible
+    assert n1[2]["reward"] != n2[2]["reward"] and all(r["reward"] != r["gt_utility"] for r in n1)
+    with pytest.raises(SystemExit, match="mini:truth"):
+        F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], reward_backend="mini:lenient",
+                      oracle_keep_blind=0.5, report_to="none"))
+
+
 # ------------------------------------------------------------------------ whole runs
 def run_args(bases, out, **kw):
     a = ["--policy", bases["kontext"], "--run_dir", bases["run"], "--output_name", out, "--reward_backend",
