@@ -96,7 +96,7 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
     noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; an ablation: seed 0 change-line judges, test, paired, with deductions: SFT-RRM -0.33, GCPO-RRM -0.27, Keep pass 0.90 -> 0.86; README, session 17)"})
-    oracle_keep_blind: float = field(default=0.0, metadata={"help": "--reward_backend mini:truth only: each truly failed Keep principle is passed with this probability (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and 0 this is exactly the oracle. An ablation: the judges' measured blind spot (they pass 0.4-0.8 of Keep failures) alone, every other verdict right (README, session 18)"})
+    oracle_blind: str = field(default="", metadata={"help": "--reward_backend mini:truth only: CATEGORY:P[,CATEGORY:P] (keep, follow, quality): each truly failed principle of that category is passed with probability P (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and no blind spot this is exactly the oracle. An ablation: a judge's blind spot alone, every other verdict right (the judges pass 0.4-0.8 of Keep failures; README, session 18)"})
     reward_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to every reward (drawn per edit). An ablation: with mini:truth, a judge whose errors are random, at the within-group agreement the noise leaves (README, session 18)"})
     follow_gate: bool = field(default=False, metadata={"help": "reward 0 when the RRM's own points fail every Follow principle (common.aggregate_score: METHOD's 'a no-op scores 0' from the verdicts; the mini judges score no-ops ~8.4 though their verdicts fail every Follow; an ablation: seed 0, test, paired: SFT-RRM -0.12, GCPO-RRM -0.32 against -0.02 / -0.10 without it, README)"})
     rrm_max_new_tokens: int = field(default=256, metadata={"help": "RRM answer length, greedy (mini SFT targets are ~190-225 tokens: a cut answer does not parse)"})
@@ -407,14 +407,15 @@ def make_judge(args: Args, device, counters: dict):
             return [o[0] for o in outs]
     elif args.reward_backend == "mini:truth":  # an oracle ablation: the mini world's exact verdicts and utility
         from miniworld import world as W
+        blind = {c: float(q) for c, q in (x.split(":") for x in filter(None, args.oracle_blind.split(",")))}
 
         def verdicts(reqs, prins, seeds):
             out = []
             for (src, ed, ins), p, s in zip(reqs, prins, seeds):
                 pts = W.ground_truth(src, ins, p, ed)
-                if args.oracle_keep_blind > 0:  # the blind spot: a failed Keep passes with probability q
-                    flips = np.random.default_rng([s % 2**32, 1]).random(len(p)) < args.oracle_keep_blind
-                    pts = [1 if (v == 0 and pr["category"] == "keep" and f) else v for v, pr, f in zip(pts, p, flips)]
+                if blind:  # the blind spot: a failed principle of a named category passes with probability P
+                    draws = np.random.default_rng([s % 2**32, 1]).random(len(p))
+                    pts = [1 if (v == 0 and d < blind.get(pr["category"], 0.0)) else v for v, pr, d in zip(pts, p, draws)]
                 # the world's own no-op call (nothing perceived changed), for --noop_call
                 out.append({"status": "ok", "score": W.utility(src, ins, p, ed), "points": pts,
                             "says_unchanged": W.perceive(ed) == W.perceive(src)})
@@ -516,8 +517,12 @@ def main(args: Args) -> dict:
                           ("init_noise", ("sample", "group"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
-    if args.oracle_keep_blind > 0 and args.reward_backend != "mini:truth":
-        raise SystemExit("--oracle_keep_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
+    if args.oracle_blind and args.reward_backend != "mini:truth":
+        raise SystemExit("--oracle_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
+    if args.oracle_blind and not all(x.count(":") == 1 and x.split(":")[0] in C.CATEGORIES
+                                     for x in args.oracle_blind.split(",")):
+        raise SystemExit(f"--oracle_blind {args.oracle_blind!r}: expected CATEGORY:P[,CATEGORY:P] with categories "
+                         f"{C.CATEGORIES}")
     set_seed(args.seed)  # same LoRA init everywhere; sampling noise is seeded per sample
 
     # INFRA: data (contexts.jsonl from build_data.py), policy pipeline with a LoRA, reward

@@ -293,7 +293,7 @@ def test_oracle_ablations_corrupt_only_what_they_name(bases):
     assert [r["reward"] for r in recs] == [r["gt_utility"] for r in recs]
     assert 0 in recs[0]["gt_keep"] and recs[1]["reward"] == 0.0 and recs[2]["reward"] == 10.0
     blind = F.make_judge(targs(reward_backend="mini:truth", reward_mode="deductions", noop_call=True,
-                               oracle_keep_blind=1.0), "cpu", {})
+                               oracle_blind="keep:1"), "cpu", {})
     b = blind(rws, edits, [0, 1, 2])
     assert all(v == 1 for v in b[0]["rrm_keep"]) and b[0]["rrm_follow"] == b[0]["gt_follow"]
     assert b[0]["reward"] > b[0]["gt_utility"] and [r["reward"] for r in b[1:]] == [0.0, 10.0]
@@ -301,9 +301,14 @@ def test_oracle_ablations_corrupt_only_what_they_name(bases):
     n1, n2 = noisy(rws, edits, [0, 1, 2]), noisy(rws, edits, [0, 1, 5])
     assert [r["reward"] for r in n1] == [r["reward"] for r in noisy(rws, edits, [0, 1, 2])]  # reproducible
     assert n1[2]["reward"] != n2[2]["reward"] and all(r["reward"] != r["gt_utility"] for r in n1)
-    with pytest.raises(SystemExit, match="mini:truth"):
-        F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], reward_backend="mini:lenient",
-                      oracle_keep_blind=0.5, report_to="none"))
+    follow_blind = F.make_judge(targs(reward_backend="mini:truth", reward_mode="deductions", noop_call=True,
+                                      oracle_blind="follow:1"), "cpu", {})(rws, edits, [0, 1, 2])
+    assert follow_blind[0]["rrm_keep"] == recs[0]["gt_keep"] and 0 in recs[1]["gt_follow"]
+    assert all(v == 1 for v in follow_blind[1]["rrm_follow"]) and follow_blind[1]["reward"] == 0.0  # still a no-op
+    for kw, msg in ((dict(reward_backend="mini:lenient", oracle_blind="keep:0.5"), "mini:truth"),
+                    (dict(reward_backend="mini:truth", oracle_blind="kept=0.5"), "CATEGORY:P")):
+        with pytest.raises(SystemExit, match=msg):
+            F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], report_to="none", **kw))
 
 
 # ------------------------------------------------------------------------ whole runs
