@@ -95,6 +95,7 @@ class Args:
     reward_backend: str = field(default="inprocess", metadata={"help": "inprocess (batched generate+parse here), openai:<model>@<url> (RRM served on other GPUs), mini:<member> (the mini world's simulated verifier, an ablation) or mini:truth (its exact utility: the oracle ablation)"})
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
+    costs: str = field(default="", metadata={"help": "deductions / capped: points lost per failed principle, follow:F,keep:K,quality:Q ('' = common.DEFAULT_COSTS, the mini world's 4 / 5 / 2; real data: how your raters weigh failures). A judge that catches only a share r of one category's failures can be charged cost / r per failure it does catch, so the expected charge is right (the 0..10 clip bounds that; README, session 18)"})
     noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; an ablation: seed 0 change-line judges, test, paired, with deductions: SFT-RRM -0.33, GCPO-RRM -0.27, Keep pass 0.90 -> 0.86; README, session 17)"})
     oracle_blind: str = field(default="", metadata={"help": "--reward_backend mini:truth only: CATEGORY:P[,CATEGORY:P] (keep, follow, quality): each truly failed principle of that category is passed with probability P (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and no blind spot this is exactly the oracle. An ablation: a judge's blind spot alone, every other verdict right (the judges pass 0.4-0.8 of Keep failures; README, session 18)"})
     reward_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to every reward (drawn per edit). An ablation: with mini:truth, a judge whose errors are random, at the within-group agreement the noise leaves (README, session 18)"})
@@ -394,6 +395,19 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 # =========================================================================================
 # Reward: the RRM's verdicts (and, in the mini world, the exact ground truth)
 # =========================================================================================
+def parse_costs(spec: str) -> dict | None:
+    """'follow:4,keep:10,quality:2' -> {category: cost}; '' -> None (common.DEFAULT_COSTS)."""
+    if not spec:
+        return None
+    try:
+        costs = {c: float(v) for c, v in (x.split(":") for x in spec.split(","))}
+    except ValueError:
+        costs = {}
+    if sorted(costs) != sorted(C.CATEGORIES):
+        raise SystemExit(f"--costs {spec!r}: expected follow:F,keep:K,quality:Q (all three categories)")
+    return costs
+
+
 def make_judge(args: Args, device, counters: dict):
     """judge(rows, edits, seeds) -> one record per edit: reward (None if unparseable), the
     RRM's per-category pass counts, and the mini world's ground truth."""
@@ -430,6 +444,7 @@ def make_judge(args: Args, device, counters: dict):
                 texts = [t[0] for t in C.make_backend(args.reward_backend, counters)(
                     msgs, n=1, temperature=0.0, max_tokens=args.rrm_max_new_tokens)]
             return [C.parse_rrm_output(t, len(p)) for t, p in zip(texts, prins)]
+    costs = parse_costs(args.costs)
     world = None
     if args.world == "mini":
         from miniworld import world
@@ -441,7 +456,7 @@ def make_judge(args: Args, device, counters: dict):
         recs = []
         for r, src, ed, p, seed in zip(rows, srcs, edits, parsed, seeds):
             ps = r["principles"]
-            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, follow_gate=args.follow_gate,
+            rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, costs=costs, follow_gate=args.follow_gate,
                                                   noop_call=args.noop_call), "category": r.get("category", "")}
             if args.reward_noise > 0 and rec["reward"] is not None:  # the random-error ablation
                 rec["reward"] += float(np.random.default_rng([seed % 2**32, 2]).normal(0.0, args.reward_noise))
@@ -517,6 +532,7 @@ def main(args: Args) -> dict:
                           ("init_noise", ("sample", "group"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
+    parse_costs(args.costs)  # a bad --costs fails here, before any model loads
     if args.oracle_blind and args.reward_backend != "mini:truth":
         raise SystemExit("--oracle_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
     if args.oracle_blind and not all(x.count(":") == 1 and x.split(":")[0] in C.CATEGORIES

@@ -305,7 +305,13 @@ def test_oracle_ablations_corrupt_only_what_they_name(bases):
                                       oracle_blind="follow:1"), "cpu", {})(rws, edits, [0, 1, 2])
     assert follow_blind[0]["rrm_keep"] == recs[0]["gt_keep"] and 0 in recs[1]["gt_follow"]
     assert all(v == 1 for v in follow_blind[1]["rrm_follow"]) and follow_blind[1]["reward"] == 0.0  # still a no-op
+    # --costs reprices the failures the judge does report: here a failed Keep costs 1 point, not 5
+    priced = F.make_judge(targs(reward_backend="mini:truth", reward_mode="deductions", noop_call=True,
+                                costs="follow:4,keep:1,quality:2"), "cpu", {})(rws, edits, [0, 1, 2])
+    assert priced[0]["reward"] == 10.0 - recs[0]["gt_keep"].count(0) > recs[0]["reward"]
+    assert [r["reward"] for r in priced[1:]] == [0.0, 10.0]
     for kw, msg in ((dict(reward_backend="mini:lenient", oracle_blind="keep:0.5"), "mini:truth"),
+                    (dict(costs="keep:10"), "all three"),
                     (dict(reward_backend="mini:truth", oracle_blind="kept=0.5"), "CATEGORY:P")):
         with pytest.raises(SystemExit, match=msg):
             F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], report_to="none", **kw))
