@@ -30,7 +30,8 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
     python scripts/judge_group_agreement.py RUN RRM [RRM ...]
       env: N_CONTEXTS (40), G (16), POLICY (the committed Kontext), LORA (a Flow-GRPO folder), STEPS (10),
            K (1: one greedy answer per edit, as flow_grpo.py scores; K > 1: the reward is the mean of
-           K answers sampled at TEMP, default 0.7; the verdict breakdown reads the first)
+           K answers sampled at TEMP, default 0.7; the verdict breakdown reads the first),
+           COSTS (follow:F,keep:K,quality:Q as flow_grpo.py --costs: adds deductions_noop_call_costs)
 """
 import os
 import sys
@@ -119,15 +120,19 @@ def main(run: str, rrms: list) -> dict:
                            [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
                            temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
         rep = {}
-        rules = [(m, g, False) for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
-            [(m, False, True) for m in ("deductions", "weighted")]
-        for mode, gate, call in rules:
-            per = [[x for x in (C.aggregate_score(a, r["principles"], mode, follow_gate=gate, noop_call=call) for a in o)
+        rules = [(m, g, False, None) for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
+            [(m, False, True, None) for m in ("deductions", "weighted")]
+        if os.environ.get("COSTS"):  # flow_grpo.py --costs: deductions + the call at other failure prices
+            rules.append(("deductions", False, True, {c: float(v) for c, v in
+                                                      (x.split(":") for x in os.environ["COSTS"].split(","))}))
+        for mode, gate, call, costs in rules:
+            per = [[x for x in (C.aggregate_score(a, r["principles"], mode, costs=costs, follow_gate=gate,
+                                                  noop_call=call) for a in o)
                     if x is not None] for (r, _, _), o in zip(flat, outs)]
             rew = np.array([np.mean(v) if v else np.nan for v in per]).reshape(len(rows), G)
             corr, used, nflat = standardised_corr(rew, util)
             # gated: 0 when its own points fail every Follow; noop_call: 0 when its reasoning says nothing changed
-            name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "")
+            name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "") + ("_costs" if costs else "")
             rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
             print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "

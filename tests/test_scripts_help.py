@@ -95,7 +95,11 @@ def test_editor_changes_pairs_and_counts_noops(tmp_path):
     os.makedirs(run / "eval")
     with open(run / "eval" / "editing_samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.makedirs(run / "exact")                                   # a Flow-GRPO folder's training history
+    (run / "exact" / "summary.json").write_text(json.dumps({"history": {"train": [
+        {"step": 1, "train/adv_gt_corr": 0.5}, {"step": 2, "train/adv_gt_corr": 0.7}, {"step": 3}]}}))
     base, exact = EC.editor_rows(str(run / "eval"))
+    assert base["agreement"] is None and abs(exact["agreement"] - 0.6) < 1e-12
     assert (base["editor"], base["edits"], base["utility"], base["noop"], base["delta"]) == ("base", 4, 0.0, 1.0, None)
     assert base["follow"] == 0.0 and base["keep"] == 1.0
     assert (exact["utility"], exact["noop"], exact["delta"], exact["delta_se"]) == (10.0, 0.0, 10.0, 0.0)
