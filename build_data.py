@@ -18,7 +18,9 @@ Every VLM role goes through one call shape, common.make_backend(spec):
   mini:<name>           the mini world's simulated VLMs (default; CPU, seconds)
   hf:<path>             a local Qwen2.5-VL checkpoint
   openai:<model>@<url>  any OpenAI-compatible endpoint (vLLM, `transformers serve`, an API)
-Editors: mini:<faithful|sloppy|lazy>, kontext:<path or id>, qwen_edit:<path or id>.
+Editors: mini:<faithful|sloppy|lazy>, kontext:<path or id>, qwen_edit:<path or id>; a pipeline
+editor may carry a LoRA, kontext:<path>@<lora folder> (e.g. a flow_grpo.py output: the
+policy's own edits after RL, verified like any candidate).
 
 What it deliberately does not do: invent anything. An unparseable decomposition, verdict or
 inspection is counted (per role and backend, in stats.json) and the row is left out; a
@@ -170,7 +172,13 @@ def make_editor(spec: str, args):
     if kind in ("kontext", "qwen_edit"):
         if args.edit_batch < 1:
             raise SystemExit(f"--edit_batch must be >= 1, got {args.edit_batch}")
+        name, _, lora = name.partition("@")
         pipe = C.load_edit_pipeline(name)
+        if lora:  # the policy after RL (flow_grpo.py saves its LoRA in the diffusers format)
+            if not os.path.exists(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+                raise SystemExit(f"editor {spec!r}: no pytorch_lora_weights.safetensors in {lora!r} "
+                                 f"(a flow_grpo.py output folder)")
+            pipe.load_lora_weights(lora)
         pipe.set_progress_bar_config(disable=True)
         text_len = args.max_sequence_length or (24 if args.source == "mini" else 512)
 

@@ -844,6 +844,31 @@ def test_kontext_and_qwen_edit_editors_in_a_build_data_run(bases, tmp_path):
     assert {r["id"] for r in rows["trajectories"]} == {c["id"] for c in rows["candidates"]}
 
 
+def test_pipeline_editor_with_a_lora(bases, tmp_path):
+    """kontext:<path>@<lora>: the editor draws with a flow_grpo.py LoRA loaded (the policy after
+    RL as a candidate editor); its edits differ from the base's; a folder without a LoRA is named."""
+    import torch
+    from peft import LoraConfig
+    import flow_grpo
+    from miniworld import world
+    pipe = C.load_edit_pipeline(bases["kontext_base"])
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                            target_modules=flow_grpo.LORA_TARGETS))
+    with torch.no_grad():
+        for n, p in pipe.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    flow_grpo.save_lora(type(pipe), pipe.transformer, str(tmp_path / "lora"))
+    c = world.sample_contexts("train", 1, seed=0)[0]
+    args = tiny_args(tmp_path, edit_steps=2)
+    plain = build_data.make_editor(f"kontext:{bases['kontext_base']}", args)([c["source_image"]], [c["instruction"]], [7])[0]
+    tuned = build_data.make_editor(f"kontext:{bases['kontext_base']}@{tmp_path / 'lora'}", args)(
+        [c["source_image"]], [c["instruction"]], [7])[0]
+    assert np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(tuned, dtype=np.int16)).max() > 2
+    with pytest.raises(SystemExit, match="no pytorch_lora_weights.safetensors"):
+        build_data.make_editor(f"kontext:{bases['kontext_base']}@{tmp_path}", args)
+
+
 @pytest.mark.parametrize("kind", ["kontext", "qwen_edit"])
 def test_pipeline_editor_batches_do_not_change_the_edits(bases, tmp_path, kind):
     """build_data edits with a pipeline editor in batches (--edit_batch) with one seed per
