@@ -10,7 +10,13 @@ change-line data, `runs/c0`) found the targets right about Keep failures (yes 0.
 Keep failures only 1,102 of 16,530 Keep principles (6.7%; Follow: 1,875 of 5,244, 36%), and
 the SFT-RRM passing 0.40-0.80 of Keep failures even on the world's own candidates.
 
-    python scripts/target_verdicts.py RUN/data/sft_think_verify.jsonl
+    python scripts/target_verdicts.py RUN/data/sft_think_verify.jsonl [RRM]
+
+With RRM (an SFT'd judge of that data, e.g. RUN/sft_rrm) it also asks the judge, greedy, for
+its verdicts on N train rows (env N, default 300) whose edit truly fails a Keep principle --
+rows it was trained on -- and prints beside the targets how often the judge says "yes": does
+the judge fit its own targets on Keep failures (then the gap is generalisation), or not even
+those (then the data does not teach it)?
 """
 import collections
 import os
@@ -23,12 +29,13 @@ from judge_blind_spots import failure_reason  # noqa: E402
 from miniworld import world as W  # noqa: E402
 
 
-def table(rows: list) -> dict:
+def table(rows: list, points: list | None = None) -> dict:
     """{"<category> <reason>": (count, share of targets saying yes)} over rows with a target
-    that has one point per principle; rows without are counted under "unaligned"."""
+    that has one point per principle; rows without are counted under "unaligned".
+    points: per row, other verdicts to count instead of the target's (a judge's; None = unaligned)."""
     tab, unaligned = collections.defaultdict(lambda: [0, 0]), 0
-    for r in rows:
-        pts = C.parse_rrm_output(r["target"])["points"]
+    for i, r in enumerate(rows):
+        pts = C.parse_rrm_output(r["target"])["points"] if points is None else points[i]
         if pts is None or len(pts) != len(r["principles"]):
             unaligned += 1
             continue
@@ -42,8 +49,29 @@ def table(rows: list) -> dict:
     return {**{k: (n, y / n) for k, (n, y) in sorted(tab.items())}, "unaligned": unaligned}
 
 
+def fails_keep(r: dict) -> bool:
+    src, ed = C.load_image(r["source"], r["id"]), C.load_image(r["edited"], r["id"])
+    return any(g == 0 and p["category"] == "keep"
+               for g, p in zip(W.ground_truth(src, r["instruction"], r["principles"], ed), r["principles"]))
+
+
+def judge_points(rrm: str, rows: list) -> list:
+    """The judge's greedy points on each row (its own prompt wording, row["variant"])."""
+    model, processor = C.load_rrm(rrm)
+    model.eval()
+    out = [None] * len(rows)
+    for variant in sorted({r.get("variant", "compact") for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.get("variant", "compact") == variant]
+        reqs = [(C.load_image(rows[i]["source"]), C.load_image(rows[i]["edited"]), rows[i]["instruction"]) for i in idx]
+        res = C.rrm_score(model, processor, reqs, [rows[i]["principles"] for i in idx], n=1, batch_size=32,
+                          variant=variant)
+        for i, o in zip(idx, res):
+            out[i] = o[0].get("points")
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     rows = [r for r in C.read_jsonl(sys.argv[1], required=("id", "source", "edited", "instruction", "principles", "target"))
             if r.get("split", "train") == "train"]
@@ -51,3 +79,12 @@ if __name__ == "__main__":
     print(f"{len(rows)} train rows ({t.pop('unaligned')} without one point per principle, left out)")
     for k, (n, yes) in t.items():
         print(f"  {k:22s} n={n:6d} ({n / max(len(rows), 1):.3f} per row)  target says yes {yes:.2f}")
+    if len(sys.argv) == 3:
+        picked = [r for r in rows if fails_keep(r)][:int(os.environ.get("N", 300))]
+        judged = table(picked, judge_points(sys.argv[2], picked))
+        targets = table(picked)
+        print(f"{sys.argv[2]} on {len(picked)} of these train rows whose edit fails a Keep principle "
+              f"({judged.pop('unaligned')} answers without one point per principle, left out):")
+        targets.pop("unaligned")
+        for k, (n, yes) in judged.items():
+            print(f"  {k:22s} n={n:6d}  target says yes {targets[k][1]:.2f}  judge says yes {yes:.2f}")

@@ -441,3 +441,7 @@ def test_target_verdicts_sorts_the_targets_points(tmp_path):
     assert t["keep shape"] == (2, 0.5) and t["unaligned"] == 1
     n_keep = sum(p["category"] == "keep" for p in ps)
     assert t["follow pass"] == (2, 1.0) and t["keep pass"] == (2 * (n_keep - 1), 1.0)
+    # a judge's points counted instead of the targets' (the train-fit check); None = unaligned
+    j = tv.table(rows, [[1] * len(ps), right, None])
+    assert j["keep shape"] == (2, 0.5) and j["unaligned"] == 1
+    assert [tv.fails_keep(r) for r in rows] == [True] * 3
