@@ -392,10 +392,36 @@ def says_nothing_changed(text: str) -> bool:
     return bool(_UNCHANGED_RE.search(reasoning))
 
 
+_VERDICT_LINE_RE = re.compile(r"\bq(\d+)\b[^.<]*?\b(yes|no)\.", re.IGNORECASE)
+
+
+def reasoning_verdicts(text: str, n_principles: int | None = None) -> list[int] | None:
+    """The per-principle 0/1 verdicts the reasoning itself states, one line per principle in
+    the mini trajectories' format ("q3 bottom left: want red triangle, see blue triangle, no.");
+    None unless every q1..qN has exactly one (N = n_principles or the highest q seen). A judge's
+    <points> need not copy its own lines (session 18: 13% of lines differ on the mini SFT-RRM);
+    aggregate_score(verdicts="reasoning") prices these instead. Free-form reasoning gives None.
+
+    >>> reasoning_verdicts("changed: x. q1 top: want red, see red, yes. q2 other cells: want same, see top added, no.")
+    [1, 0]
+    >>> reasoning_verdicts("q1 top: want red, see red, yes.", 2), reasoning_verdicts("The edit looks fine.")
+    (None, None)
+    """
+    reasoning = text.split("<points>")[0] if "<points>" in text else text
+    found: dict[int, list[int]] = {}
+    for q, v in _VERDICT_LINE_RE.findall(reasoning):
+        found.setdefault(int(q), []).append(int(v.lower() == "yes"))
+    n = n_principles or (max(found) if found else 0)
+    if n == 0 or sorted(found) != list(range(1, n + 1)) or any(len(v) != 1 for v in found.values()):
+        return None
+    return [found[q][0] for q in range(1, n + 1)]
+
+
 def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
     """Parse an RRM trajectory. Never raises, never invents a score.
 
-    Returns {"status", "score", "points", "average", "says_unchanged", "flags", "reason"}:
+    Returns {"status", "score", "points", "average", "says_unchanged", "reasoning_points", "flags",
+    "reason"}:
       status  "ok"            a final score in [0, 10] was found (flags may still be set)
               "no_score"      no <score>x</score> (or a non-number inside it)
               "out_of_range"  the score is outside [0, 10]; `score` is None, never clamped
@@ -403,6 +429,7 @@ def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
       points  list[int] | None per-principle 0/1 in order
       average float | None    the model's own average_score
       says_unchanged bool     the reasoning calls the edit a no-op (says_nothing_changed)
+      reasoning_points list[int] | None  the verdicts the reasoning lines state (reasoning_verdicts)
       flags   e.g. "average_mismatch", "points_count_mismatch", "multiple_scores",
               "backslash_close_tag", "no_points", "no_average"
 
@@ -417,12 +444,13 @@ def parse_rrm_output(text: Any, n_principles: int | None = None) -> dict:
     'no_score'
     """
     out = {"status": "no_score", "score": None, "points": None, "average": None,
-           "says_unchanged": False, "flags": [], "reason": ""}
+           "says_unchanged": False, "reasoning_points": None, "flags": [], "reason": ""}
     if not isinstance(text, str):
         out["reason"] = f"output is {type(text).__name__}, not a string"
         return out
     flags = out["flags"]
     out["says_unchanged"] = says_nothing_changed(text)
+    out["reasoning_points"] = reasoning_verdicts(text, n_principles)
     # Points and average are read even when the final score is missing: the inspector and
     # the weighted aggregate use them.
     out["points"] = _parse_points(text)
@@ -547,7 +575,8 @@ def fails_every_follow(points: list[int], principles: list[dict]) -> bool:
 
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
                     weights: dict | None = None, costs: dict | None = None,
-                    follow_gate: bool = False, noop_call: bool = False) -> float | None:
+                    follow_gate: bool = False, noop_call: bool = False,
+                    verdicts: str = "points") -> float | None:
     """Phi(.): one scalar reward from a parsed RRM output, on 0..10; None if unavailable.
     weights / costs: per-category dicts for "weighted" / "deductions" and "capped" (None = the
     defaults below; a given dict must name all three categories).
@@ -556,6 +585,9 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     edit that made none of the requested changes look alike (every Follow fails), so the gate
     scores both 0; otherwise it only passes the mode's score on. It needs that score and one
     point per principle (else None); with no Follow principle it never fires.
+    verdicts="reasoning": the points-based modes read the 0/1 verdicts the reasoning lines state
+    (parsed["reasoning_points"], reasoning_verdicts) instead of the <points> block; None where the
+    reasoning does not state one per principle.
     noop_call=True (any mode): 0 when the RRM's reasoning says the edit changed nothing
     (parsed["says_unchanged"], says_nothing_changed), else the mode's score; None when the mode
     has no score. Unlike the gate it tells a no-op from a failed attempt, if the RRM does. With
@@ -597,6 +629,10 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     >>> aggregate_score(called, ps, "deductions", noop_call=True), aggregate_score(lenient, ps, "deductions", noop_call=True)
     (0.0, 6.0)
     """
+    if verdicts == "reasoning":  # the verdicts its reasoning lines state, in place of <points>
+        parsed = {**parsed, "points": parsed.get("reasoning_points")}
+    elif verdicts != "points":
+        raise ValueError(f"unknown verdicts source {verdicts!r} (use 'points' or 'reasoning')")
     if noop_call:
         score = aggregate_score(parsed, principles, mode, weights, costs, follow_gate)
         return None if score is None else (0.0 if parsed.get("says_unchanged") else score)

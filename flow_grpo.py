@@ -96,6 +96,7 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
     costs: str = field(default="", metadata={"help": "deductions / capped: points lost per failed principle, follow:F,keep:K,quality:Q ('' = common.DEFAULT_COSTS, the mini world's 4 / 5 / 2; real data: how your raters weigh failures). A judge that catches only a share r of one category's failures can be charged cost / r per failure it does catch, so the expected charge is right (the 0..10 clip bounds that; README, session 18)"})
+    verdicts: str = field(default="points", metadata={"help": "what the points-based --reward_mode reads: points (the RRM's <points> block) or reasoning (the verdicts its reasoning lines state, common.reasoning_verdicts; mini format; an ablation: the mini SFT-RRM's <points> differ from its own lines on 13% of them; README, session 18)"})
     noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; an ablation: seed 0 change-line judges, test, paired, with deductions: SFT-RRM -0.33, GCPO-RRM -0.27, Keep pass 0.90 -> 0.86; README, session 17)"})
     oracle_blind: str = field(default="", metadata={"help": "--reward_backend mini:truth only: CATEGORY:P[,CATEGORY:P] (keep, follow, quality): each truly failed principle of that category is passed with probability P (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and no blind spot this is exactly the oracle. An ablation: a judge's blind spot alone, every other verdict right (the judges pass 0.4-0.8 of Keep failures; README, session 18)"})
     reward_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to every reward (drawn per edit). An ablation: with mini:truth, a judge whose errors are random, at the within-group agreement the noise leaves (README, session 18)"})
@@ -457,11 +458,13 @@ def make_judge(args: Args, device, counters: dict):
         for r, src, ed, p, seed in zip(rows, srcs, edits, parsed, seeds):
             ps = r["principles"]
             rec = {"reward": C.aggregate_score(p, ps, args.reward_mode, costs=costs, follow_gate=args.follow_gate,
-                                                  noop_call=args.noop_call), "category": r.get("category", "")}
+                                                  noop_call=args.noop_call, verdicts=args.verdicts),
+                   "category": r.get("category", "")}
             if args.reward_noise > 0 and rec["reward"] is not None:  # the random-error ablation
                 rec["reward"] += float(np.random.default_rng([seed % 2**32, 2]).normal(0.0, args.reward_noise))
-            if p.get("points") is not None and len(p["points"]) == len(ps):
-                for v, pr in zip(p["points"], ps):
+            pts = p.get("reasoning_points") if args.verdicts == "reasoning" else p.get("points")  # what is priced
+            if pts is not None and len(pts) == len(ps):
+                for v, pr in zip(pts, ps):
                     rec.setdefault(f"rrm_{pr['category']}", []).append(v)
             if world is not None:
                 for v, pr in zip(world.ground_truth(src, r["instruction"], ps, ed), ps):
@@ -529,7 +532,7 @@ def main(args: Args) -> dict:
                          "log-probs need a stochastic sampler)")
     for name, allowed in (("unparseable", ("zero", "exclude")), ("logprob_reduce", ("mean", "sum")),
                           ("world", ("mini", "none")), ("adv_std", ("population", "sample")),
-                          ("init_noise", ("sample", "group"))):
+                          ("init_noise", ("sample", "group")), ("verdicts", ("points", "reasoning"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
     parse_costs(args.costs)  # a bad --costs fails here, before any model loads

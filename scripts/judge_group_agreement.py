@@ -13,7 +13,8 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
               holistic / deductions / capped (common.aggregate_score), each also with the
               follow gate (0 when the judge's own points fail every Follow), and deductions /
               weighted with the judge's no-op call (noop_call: 0 when its reasoning says
-              nothing changed), beside two
+              nothing changed), and those two again on the verdicts its reasoning lines state
+              instead of its <points> (aggregate_score verdicts="reasoning"), beside two
               references: deductions on the TRUE verdicts (perfect eyes, but blind to the
               no-op rule, the human's 0 for an edit that changed nothing), and the same with
               the gate;
@@ -120,19 +121,20 @@ def main(run: str, rrms: list) -> dict:
                            [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
                            temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
         rep = {}
-        rules = [(m, g, False, None) for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
-            [(m, False, True, None) for m in ("deductions", "weighted")]
+        rules = [(m, g, False, None, "points") for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
+            [(m, False, True, None, v) for m in ("deductions", "weighted") for v in ("points", "reasoning")]
         if os.environ.get("COSTS"):  # flow_grpo.py --costs: deductions + the call at other failure prices
             rules.append(("deductions", False, True, {c: float(v) for c, v in
-                                                      (x.split(":") for x in os.environ["COSTS"].split(","))}))
-        for mode, gate, call, costs in rules:
+                                                      (x.split(":") for x in os.environ["COSTS"].split(","))}, "points"))
+        for mode, gate, call, costs, src in rules:
             per = [[x for x in (C.aggregate_score(a, r["principles"], mode, costs=costs, follow_gate=gate,
-                                                  noop_call=call) for a in o)
+                                                  noop_call=call, verdicts=src) for a in o)
                     if x is not None] for (r, _, _), o in zip(flat, outs)]
             rew = np.array([np.mean(v) if v else np.nan for v in per]).reshape(len(rows), G)
             corr, used, nflat = standardised_corr(rew, util)
             # gated: 0 when its own points fail every Follow; noop_call: 0 when its reasoning says nothing changed
-            name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "") + ("_costs" if costs else "")
+            name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "") + ("_costs" if costs else "") \
+                + ("_reasoning" if src == "reasoning" else "")
             rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
             print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "

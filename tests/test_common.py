@@ -300,6 +300,30 @@ def test_noop_call_zeroes_a_called_noop_in_every_mode():
     assert C.aggregate_score(C.parse_rrm_output("changed: nothing. <score>4</score>"), noop_call=True) == 0.0
 
 
+def test_reasoning_verdicts_replace_the_points_block_when_asked():
+    """aggregate_score(verdicts="reasoning") prices the yes/no each reasoning line states, not
+    the <points> block (session 18: the mini SFT-RRM's points differ from its own lines on 13%
+    of them, often a Keep failure its line catches and its points pass); None when the
+    reasoning does not give exactly one verdict per principle."""
+    ps = [{"question": "a", "category": "follow"}, {"question": "b", "category": "keep"},
+          {"question": "c", "category": "quality"}]
+    reasoning = ("changed: top left red circle -> green circle. q1 top left: want green circle, see green circle, "
+                 "yes. q2 bottom: want blue square, see empty, no. q3 noise: want none, see none, yes.")
+    parsed = C.parse_rrm_output(C.format_rrm_output(reasoning, [1, 1, 1], 9.0), len(ps))
+    assert parsed["points"] == [1, 1, 1] and parsed["reasoning_points"] == [1, 0, 1]
+    assert C.aggregate_score(parsed, ps, "deductions") == 10.0
+    assert C.aggregate_score(parsed, ps, "deductions", verdicts="reasoning") == 5.0       # the Keep line's "no"
+    assert C.aggregate_score(parsed, ps, "deductions", noop_call=True, verdicts="reasoning") == 5.0
+    assert C.aggregate_score(parsed, ps, "holistic", verdicts="reasoning") == 9.0         # <score> is untouched
+    short = C.parse_rrm_output(C.format_rrm_output("q1 top left: want green, see green, yes.", [1, 1, 1], 9.0), 3)
+    twice = C.parse_rrm_output(C.format_rrm_output(reasoning + " q2 again: yes.", [1, 1, 1], 9.0), 3)
+    assert short["reasoning_points"] is None and twice["reasoning_points"] is None
+    assert C.aggregate_score(short, ps, "deductions", verdicts="reasoning") is None
+    assert C.parse_rrm_output(None)["reasoning_points"] is None
+    with pytest.raises(ValueError, match="verdicts source"):
+        C.aggregate_score(parsed, ps, "deductions", verdicts="think")
+
+
 def test_gedit_scores():
     assert C.gedit_scores([8, 6], [9, 4]) == {"SC": 6.0, "PQ": 4.0, "O": math.sqrt(24)}
     assert C.gedit_scores(None, [9, 4])["O"] is None
