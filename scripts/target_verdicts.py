@@ -14,7 +14,8 @@ the SFT-RRM passing 0.40-0.80 of Keep failures even on the world's own candidate
 
 With RRM (an SFT'd judge of that data, e.g. RUN/sft_rrm) it also asks the judge, greedy, for
 its verdicts on N train rows (env N, default 300) whose edit truly fails a Keep principle --
-rows it was trained on -- and prints beside the targets how often the judge says "yes": does
+rows it was trained on -- and prints beside the targets how often the judge says "yes" (in
+its <points>, and in its own reasoning lines, common.reasoning_verdicts): does
 the judge fit its own targets on Keep failures (then the gap is generalisation), or not even
 those (then the data does not teach it)?
 """
@@ -55,19 +56,20 @@ def fails_keep(r: dict) -> bool:
                for g, p in zip(W.ground_truth(src, r["instruction"], r["principles"], ed), r["principles"]))
 
 
-def judge_points(rrm: str, rows: list) -> list:
-    """The judge's greedy points on each row (its own prompt wording, row["variant"])."""
+def judge_points(rrm: str, rows: list) -> tuple[list, list]:
+    """The judge's greedy verdicts on each row (its own prompt wording, row["variant"]): its
+    <points>, and the verdicts its reasoning lines state (common.reasoning_verdicts)."""
     model, processor = C.load_rrm(rrm)
     model.eval()
-    out = [None] * len(rows)
+    out, said = [None] * len(rows), [None] * len(rows)
     for variant in sorted({r.get("variant", "compact") for r in rows}):
         idx = [i for i, r in enumerate(rows) if r.get("variant", "compact") == variant]
         reqs = [(C.load_image(rows[i]["source"]), C.load_image(rows[i]["edited"]), rows[i]["instruction"]) for i in idx]
         res = C.rrm_score(model, processor, reqs, [rows[i]["principles"] for i in idx], n=1, batch_size=32,
                           variant=variant)
         for i, o in zip(idx, res):
-            out[i] = o[0].get("points")
-    return out
+            out[i], said[i] = o[0].get("points"), o[0].get("reasoning_points")
+    return out, said
 
 
 if __name__ == "__main__":
@@ -81,10 +83,12 @@ if __name__ == "__main__":
         print(f"  {k:22s} n={n:6d} ({n / max(len(rows), 1):.3f} per row)  target says yes {yes:.2f}")
     if len(sys.argv) == 3:
         picked = [r for r in rows if fails_keep(r)][:int(os.environ.get("N", 300))]
-        judged = table(picked, judge_points(sys.argv[2], picked))
-        targets = table(picked)
+        pts, said = judge_points(sys.argv[2], picked)
+        judged, lines, targets = table(picked, pts), table(picked, said), table(picked)
+        lines.pop("unaligned")
         print(f"{sys.argv[2]} on {len(picked)} of these train rows whose edit fails a Keep principle "
               f"({judged.pop('unaligned')} answers without one point per principle, left out):")
         targets.pop("unaligned")
         for k, (n, yes) in judged.items():
-            print(f"  {k:22s} n={n:6d}  target says yes {targets[k][1]:.2f}  judge says yes {yes:.2f}")
+            line = f"  (its reasoning lines: {lines[k][1]:.2f} of {lines[k][0]})" if k in lines else ""
+            print(f"  {k:22s} n={n:6d}  target says yes {targets[k][1]:.2f}  judge says yes {yes:.2f}{line}")
