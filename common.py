@@ -573,6 +573,24 @@ def fails_every_follow(points: list[int], principles: list[dict]) -> bool:
     return bool(follow) and not any(follow)
 
 
+def parse_costs(spec: str) -> dict | None:
+    """'follow:4,keep:10,quality:2' -> {category: cost} for aggregate_score(costs=...);
+    '' -> None (DEFAULT_COSTS). Anything else, or a category missing, raises SystemExit.
+
+    >>> parse_costs("follow:4,keep:10,quality:2"), parse_costs("")
+    ({'follow': 4.0, 'keep': 10.0, 'quality': 2.0}, None)
+    """
+    if not spec:
+        return None
+    try:
+        costs = {c: float(v) for c, v in (x.split(":") for x in spec.split(","))}
+    except ValueError:
+        costs = {}
+    if sorted(costs) != sorted(CATEGORIES):
+        raise SystemExit(f"--costs {spec!r}: expected follow:F,keep:K,quality:Q (all three categories)")
+    return costs
+
+
 def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: str = "holistic",
                     weights: dict | None = None, costs: dict | None = None,
                     follow_gate: bool = False, noop_call: bool = False,

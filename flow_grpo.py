@@ -396,19 +396,6 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 # =========================================================================================
 # Reward: the RRM's verdicts (and, in the mini world, the exact ground truth)
 # =========================================================================================
-def parse_costs(spec: str) -> dict | None:
-    """'follow:4,keep:10,quality:2' -> {category: cost}; '' -> None (common.DEFAULT_COSTS)."""
-    if not spec:
-        return None
-    try:
-        costs = {c: float(v) for c, v in (x.split(":") for x in spec.split(","))}
-    except ValueError:
-        costs = {}
-    if sorted(costs) != sorted(C.CATEGORIES):
-        raise SystemExit(f"--costs {spec!r}: expected follow:F,keep:K,quality:Q (all three categories)")
-    return costs
-
-
 def make_judge(args: Args, device, counters: dict):
     """judge(rows, edits, seeds) -> one record per edit: reward (None if unparseable), the
     RRM's per-category pass counts, and the mini world's ground truth."""
@@ -445,7 +432,7 @@ def make_judge(args: Args, device, counters: dict):
                 texts = [t[0] for t in C.make_backend(args.reward_backend, counters)(
                     msgs, n=1, temperature=0.0, max_tokens=args.rrm_max_new_tokens)]
             return [C.parse_rrm_output(t, len(p)) for t, p in zip(texts, prins)]
-    costs = parse_costs(args.costs)
+    costs = C.parse_costs(args.costs)
     world = None
     if args.world == "mini":
         from miniworld import world
@@ -535,10 +522,11 @@ def main(args: Args) -> dict:
                           ("init_noise", ("sample", "group")), ("verdicts", ("points", "reasoning"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
-    parse_costs(args.costs)  # a bad --costs fails here, before any model loads
+    C.parse_costs(args.costs)  # a bad --costs fails here, before any model loads
     if args.oracle_blind and args.reward_backend != "mini:truth":
         raise SystemExit("--oracle_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
     if args.oracle_blind and not all(x.count(":") == 1 and x.split(":")[0] in C.CATEGORIES
+                                     and x.split(":")[1].replace(".", "", 1).isdigit()
                                      for x in args.oracle_blind.split(",")):
         raise SystemExit(f"--oracle_blind {args.oracle_blind!r}: expected CATEGORY:P[,CATEGORY:P] with categories "
                          f"{C.CATEGORIES}")

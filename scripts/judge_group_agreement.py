@@ -124,8 +124,7 @@ def main(run: str, rrms: list) -> dict:
         rules = [(m, g, False, None, "points") for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
             [(m, False, True, None, v) for m in ("deductions", "weighted") for v in ("points", "reasoning")]
         if os.environ.get("COSTS"):  # flow_grpo.py --costs: deductions + the call at other failure prices
-            rules.append(("deductions", False, True, {c: float(v) for c, v in
-                                                      (x.split(":") for x in os.environ["COSTS"].split(","))}, "points"))
+            rules.append(("deductions", False, True, C.parse_costs(os.environ["COSTS"]), "points"))
         for mode, gate, call, costs, src in rules:
             per = [[x for x in (C.aggregate_score(a, r["principles"], mode, costs=costs, follow_gate=gate,
                                                   noop_call=call, verdicts=src) for a in o)

@@ -312,6 +312,7 @@ def test_oracle_ablations_corrupt_only_what_they_name(bases):
     assert [r["reward"] for r in priced[1:]] == [0.0, 10.0]
     for kw, msg in ((dict(reward_backend="mini:lenient", oracle_blind="keep:0.5"), "mini:truth"),
                     (dict(costs="keep:10"), "all three"),
+                    (dict(reward_backend="mini:truth", oracle_blind="keep:x"), "CATEGORY:P"),
                     (dict(reward_backend="mini:truth", oracle_blind="kept=0.5"), "CATEGORY:P")):
         with pytest.raises(SystemExit, match=msg):
             F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], report_to="none", **kw))
