@@ -42,6 +42,37 @@ def test_masked_prompt_tokens_contribute_no_loss(tiny_run):
     assert sft_rrm.sft_loss(model, processor, longer, "compact", 4096)[1] == n_tok
 
 
+def test_verdict_weight_weighs_exactly_the_verdict_tokens(tiny_run):
+    """--verdict_weight: the <points> scores and the reasoning lines' yes/no get weight W,
+    nothing else (not the question numbers, the average or the final score), and the loss is
+    the weighted per-sequence mean of the token log-probs; W = 1 is the plain loss."""
+    model, processor = C.load_rrm(tiny_run["base"])
+    tok = processor.tokenizer
+    text = ('<think>q1 top: want red square, see red square, yes. q2 noise: want none, see noisy, no.'
+            '</think>\n<points>[{"question": 1, "score": 1}, {"question": 2, "score": 0}]</points>\n'
+            '<average_score>0.50</average_score>\n<score>5</score>')
+    ids, mask = C.tokenize_completions(processor, [text])
+    w = sft_rrm.verdict_weights(tok, [text], ids.shape, 4.0)
+    marked = [tok.decode([int(i)]).strip() for i, v in zip(ids[0], w[0]) if v == 4.0]
+    assert marked == ["yes", "no", "1", "0"]
+    assert float(w[0, -1]) == 1.0                      # <|im_end|> keeps weight 1
+    rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:3]
+    targets = [r["target"] for r in rows]
+    msgs = [C.verify_messages(r["instruction"], r["principles"], "compact") for r in rows]
+    images = [[C.load_image(r["source"]), C.load_image(r["edited"])] for r in rows]
+    ids, mask = C.tokenize_completions(processor, targets)
+    with torch.no_grad():
+        logp = C.completion_logprobs(model, C.encode_prompts(processor, msgs, images), ids, mask)
+        weighted, n_tok = sft_rrm.sft_loss(model, processor, rows, "compact", 4096, verdict_weight=4.0)
+        plain, _ = sft_rrm.sft_loss(model, processor, rows, "compact", 4096)
+    w = sft_rrm.verdict_weights(tok, targets, ids.shape, 4.0) * mask
+    assert all(int((wi == 4.0).sum()) == 2 * len(r["principles"]) for wi, r in zip(w, rows))
+    by_hand = -((logp * w).sum(1) / w.sum(1)).mean()
+    assert abs(weighted.item() - by_hand.item()) < 1e-5
+    assert abs(plain.item() + (logp.sum(1) / mask.sum(1)).mean().item()) < 1e-5
+    assert abs(weighted.item() - plain.item()) > 1e-4 and n_tok == int(mask.sum())
+
+
 def test_too_long_sample_is_an_error_naming_the_row(tiny_run):
     model, processor = C.load_rrm(tiny_run["base"])
     rows = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[:1]
