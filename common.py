@@ -606,6 +606,11 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     verdicts="reasoning": the points-based modes read the 0/1 verdicts the reasoning lines state
     (parsed["reasoning_points"], reasoning_verdicts) instead of the <points> block; None where the
     reasoning does not state one per principle.
+    verdicts="probs": the same modes on soft verdicts, the RRM's own probability of "yes" at each
+    <points> digit (parsed["soft_points"], set by verdict_probabilities): a failed principle
+    costs its price times P(no), so "deductions" is the expected deductions under the RRM's own
+    belief; None where they are missing. (The follow gate fires only when every Follow
+    probability is exactly 0, i.e. practically never: use noop_call.)
     noop_call=True (any mode): 0 when the RRM's reasoning says the edit changed nothing
     (parsed["says_unchanged"], says_nothing_changed), else the mode's score; None when the mode
     has no score. Unlike the gate it tells a no-op from a failed attempt, if the RRM does. With
@@ -643,14 +648,19 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
     >>> lenient = parse_rrm_output(format_rrm_output("", [0, 1, 1, 1], 7.5))    # a no-op scored 7.5
     >>> aggregate_score(lenient, ps, follow_gate=True), aggregate_score(parsed, ps, follow_gate=True)
     (0.0, 6.0)
+    >>> soft = {**parsed, "soft_points": [0.9, 1.0, 0.2, 1.0]}      # P(yes): 10 - 4*.1 - 5*.8
+    >>> round(aggregate_score(soft, ps, "deductions", verdicts="probs"), 2)
+    5.6
     >>> called = parse_rrm_output(format_rrm_output("changed: nothing.", [0, 1, 1, 1], 7.5))
     >>> aggregate_score(called, ps, "deductions", noop_call=True), aggregate_score(lenient, ps, "deductions", noop_call=True)
     (0.0, 6.0)
     """
     if verdicts == "reasoning":  # the verdicts its reasoning lines state, in place of <points>
         parsed = {**parsed, "points": parsed.get("reasoning_points")}
+    elif verdicts == "probs":    # the RRM's P(yes) per point (verdict_probabilities), in place of 0/1
+        parsed = {**parsed, "points": parsed.get("soft_points")}
     elif verdicts != "points":
-        raise ValueError(f"unknown verdicts source {verdicts!r} (use 'points' or 'reasoning')")
+        raise ValueError(f"unknown verdicts source {verdicts!r} (use 'points', 'reasoning' or 'probs')")
     if noop_call:
         score = aggregate_score(parsed, principles, mode, weights, costs, follow_gate)
         return None if score is None else (0.0 if parsed.get("says_unchanged") else score)
@@ -668,7 +678,7 @@ def aggregate_score(parsed: dict, principles: list[dict] | None = None, mode: st
         return None
     if mode in ("deductions", "capped"):
         costs = costs or DEFAULT_COSTS
-        lost = sum(costs[pr["category"]] for p, pr in zip(pts, principles) if not p)
+        lost = sum(costs[pr["category"]] * (1 - p) for p, pr in zip(pts, principles))  # p in {0, 1}, or P(yes)
         deductions = float(min(10.0, max(0.0, 10.0 - lost)))
         if mode == "deductions":
             return deductions
@@ -1404,6 +1414,13 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
 
     One forward over [prompt ; completion]; mm_token_type_ids is extended with zeros over
     the completion so the 3-D (m-RoPE) positions stay right."""
+    logits = completion_logits(model, prompts, completion_ids, completion_mask) / temperature  # (B, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids.to(logits.device)[..., None])[..., 0]
+    return logp * completion_mask.to(logits.device)
+
+
+def completion_logits(model, prompts, completion_ids, completion_mask):
+    """The float logits (B, T, V) that predict each completion token (completion_logprobs)."""
     prompts = to_device(prompts, model)
     completion_ids, completion_mask = completion_ids.to(prompts["input_ids"].device), completion_mask.to(prompts["input_ids"].device)
     ids = torch.cat([prompts["input_ids"], completion_ids], 1)           # (B, L+T)
@@ -1413,9 +1430,41 @@ def completion_logprobs(model, prompts, completion_ids, completion_mask, tempera
     out = model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm,
                 pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
                 use_cache=False, logits_to_keep=completion_ids.shape[1] + 1)
-    logits = out.logits[:, :-1].float() / temperature                    # (B, T, V)
-    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
-    return logp * completion_mask
+    return out.logits[:, :-1].float()
+
+
+# each <points> entry's verdict digit: {"question": 3, "score": 0}
+POINT_VERDICT = re.compile(r'"score":\s*([01])\b')
+
+
+@torch.no_grad()
+def verdict_probabilities(model, processor, requests, principles_list, texts: list[str],
+                          variant: str = "compact", batch_size: int = 16) -> list[list[float] | None]:
+    """Soft verdicts: for each answer text (the RRM's own, from rrm_score) the RRM's
+    probability of "1" against "0" at each <points> verdict digit, the text teacher-forced
+    after its prompt: p = e^l1 / (e^l1 + e^l0) with l the logits at that digit. One forward per
+    answer, no sampling. None where the text does not hold one verdict digit per principle.
+    aggregate_score(verdicts="probs") prices them (expected deductions)."""
+    tok = processor.tokenizer
+    one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
+    out = []
+    for s in range(0, len(requests), batch_size):
+        chunk, pr, tx = requests[s:s + batch_size], principles_list[s:s + batch_size], texts[s:s + batch_size]
+        msgs = [verify_messages(ins, p, variant) for (_, _, ins), p in zip(chunk, pr)]
+        prompts = encode_prompts(processor, msgs, [[src, ed] for src, ed, _ in chunk])
+        ids, mask = tokenize_completions(processor, tx)
+        logits = completion_logits(model, prompts, ids, mask)               # (B, T, V)
+        for i, (t, p) in enumerate(zip(tx, pr)):
+            spans = [m.span(1) for m in POINT_VERDICT.finditer(t)]
+            offsets = tok(t, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            # the token that holds each digit (the index in ids: the same tokenization)
+            pos = [next((j for j, (x, y) in enumerate(offsets) if x < b and a < y), None) for a, b in spans]
+            if len(spans) != len(p) or None in pos:
+                out.append(None)
+                continue
+            two = logits[i, pos][:, [one, zero]]                              # (n, 2): "1", "0"
+            out.append(torch.softmax(two, -1)[:, 0].tolist())
+    return out
 
 
 def tokenize_completions(processor, texts: list[str]):

@@ -96,7 +96,7 @@ class Args:
     variant: str = field(default="compact", metadata={"help": "verify prompt wording the RRM was trained with"})
     reward_mode: str = field(default="holistic", metadata={"help": "holistic (<score>, the paper's), weighted, deductions or capped (common.aggregate_score: deductions charges each failed principle a fixed cost; capped = min(<score>, deductions))"})
     costs: str = field(default="", metadata={"help": "deductions / capped: points lost per failed principle, follow:F,keep:K,quality:Q ('' = common.DEFAULT_COSTS, the mini world's 4 / 5 / 2; real data: how your raters weigh failures). A judge that catches only a share r of one category's failures can be charged cost / r per failure it does catch, so the expected charge is right (the 0..10 clip bounds that; README, session 18)"})
-    verdicts: str = field(default="points", metadata={"help": "what the points-based --reward_mode reads: points (the RRM's <points> block) or reasoning (the verdicts its reasoning lines state, common.reasoning_verdicts; mini format; an ablation: the mini SFT-RRM's <points> differ from its own lines on 0.13 of them; README, session 18)"})
+    verdicts: str = field(default="points", metadata={"help": "what the points-based --reward_mode reads: points (the RRM's <points> block) or reasoning (the verdicts its reasoning lines state, common.reasoning_verdicts; mini format; an ablation: the mini SFT-RRM's <points> differ from its own lines on 0.13 of them; README, session 18) or probs (the RRM's own P(yes) at each <points> digit, one teacher-forced pass over its answer, common.verdict_probabilities: deductions becomes the expected deductions; --reward_backend inprocess only; README, session 19)"})
     noop_call: bool = field(default=False, metadata={"help": "reward 0 when the RRM's reasoning says the edit changed nothing (common.aggregate_score noop_call; METHOD's 'a no-op scores 0' from the RRM's own call; with --reward_mode deductions: a no-op 0, a failed Keep charged more than a failed Follow; an ablation: seed 0 change-line judges, test, paired, with deductions: SFT-RRM -0.33, GCPO-RRM -0.27, Keep pass 0.90 -> 0.86; README, session 17)"})
     oracle_blind: str = field(default="", metadata={"help": "--reward_backend mini:truth only: CATEGORY:P[,CATEGORY:P] (keep, follow, quality): each truly failed principle of that category is passed with probability P (drawn per edit) before --reward_mode prices the verdicts; with deductions --noop_call true and no blind spot this is exactly the oracle. An ablation: a judge's blind spot alone, every other verdict right (the judges pass 0.4-0.8 of Keep failures; README, session 18)"})
     reward_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to every reward (drawn per edit). An ablation: with mini:truth, a judge whose errors are random, at the within-group agreement the noise leaves (README, session 18)"})
@@ -404,9 +404,13 @@ def make_judge(args: Args, device, counters: dict):
         model.to(device).eval()
 
         def verdicts(reqs, prins, seeds):
-            outs = C.rrm_score(model, processor, reqs, prins, n=1, temperature=0.0, variant=args.variant,
-                               max_new_tokens=args.rrm_max_new_tokens, batch_size=args.rrm_batch_size)
-            return [o[0] for o in outs]
+            outs = [o[0] for o in C.rrm_score(model, processor, reqs, prins, n=1, temperature=0.0, variant=args.variant,
+                                              max_new_tokens=args.rrm_max_new_tokens, batch_size=args.rrm_batch_size)]
+            if args.verdicts == "probs":  # its P(yes) at each verdict digit of its own answer
+                soft = C.verdict_probabilities(model, processor, reqs, prins, [o["text"] for o in outs],
+                                               args.variant, args.rrm_batch_size)
+                outs = [dict(o, soft_points=q) for o, q in zip(outs, soft)]
+            return outs
     elif args.reward_backend == "mini:truth":  # an oracle ablation: the mini world's exact verdicts and utility
         from miniworld import world as W
         blind = {c: float(q) for c, q in (x.split(":") for x in filter(None, args.oracle_blind.split(",")))}
@@ -449,7 +453,7 @@ def make_judge(args: Args, device, counters: dict):
                    "category": r.get("category", "")}
             if args.reward_noise > 0 and rec["reward"] is not None:  # the random-error ablation
                 rec["reward"] += float(np.random.default_rng([seed % 2**32, 2]).normal(0.0, args.reward_noise))
-            pts = p.get("reasoning_points") if args.verdicts == "reasoning" else p.get("points")  # what is priced
+            pts = {"reasoning": p.get("reasoning_points"), "probs": p.get("soft_points")}.get(args.verdicts, p.get("points"))  # what is priced
             if pts is not None and len(pts) == len(ps):
                 for v, pr in zip(pts, ps):
                     rec.setdefault(f"rrm_{pr['category']}", []).append(v)
@@ -519,10 +523,12 @@ def main(args: Args) -> dict:
                          "log-probs need a stochastic sampler)")
     for name, allowed in (("unparseable", ("zero", "exclude")), ("logprob_reduce", ("mean", "sum")),
                           ("world", ("mini", "none")), ("adv_std", ("population", "sample")),
-                          ("init_noise", ("sample", "group")), ("verdicts", ("points", "reasoning"))):
+                          ("init_noise", ("sample", "group")), ("verdicts", ("points", "reasoning", "probs"))):
         if getattr(args, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}")
     C.parse_costs(args.costs)  # a bad --costs fails here, before any model loads
+    if args.verdicts == "probs" and args.reward_backend != "inprocess":
+        raise SystemExit("--verdicts probs reads the RRM's logits: it needs --reward_backend inprocess")
     if args.oracle_blind and args.reward_backend != "mini:truth":
         raise SystemExit("--oracle_blind corrupts the oracle's verdicts: it needs --reward_backend mini:truth")
     if args.oracle_blind and not all(x.count(":") == 1 and x.split(":")[0] in C.CATEGORIES

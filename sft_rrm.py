@@ -138,7 +138,7 @@ def row_lengths(tokenizer, rows: list[dict]) -> list[int]:
 
 # the verdicts in a target: each <points> entry's score, and the yes/no that closes a
 # reasoning line ("q3 ...: want red triangle, see red triangle, yes.")
-VERDICT = re.compile(r'"score":\s*([01])\b|,\s*(yes|no)\.')
+VERDICT = re.compile(C.POINT_VERDICT.pattern + r'|,\s*(yes|no)\.')
 
 
 def verdict_weights(tokenizer, texts: list[str], shape, weight: float) -> torch.Tensor:

@@ -120,9 +120,14 @@ def main(run: str, rrms: list) -> dict:
         outs = C.rrm_score(model, processor, [(s, e, r["instruction"]) for r, s, e in flat],
                            [r["principles"] for r, _, _ in flat], n=K, batch_size=64,
                            temperature=0.0 if K == 1 else float(os.environ.get("TEMP", 0.7)))
+        if K == 1:  # soft verdicts: its P(yes) at each <points> digit of its (greedy) answer
+            soft = C.verdict_probabilities(model, processor, [(s, e, r["instruction"]) for r, s, e in flat],
+                                           [r["principles"] for r, _, _ in flat], [o[0]["text"] for o in outs])
+            outs = [[dict(o[0], soft_points=q)] for o, q in zip(outs, soft)]
         rep = {}
         rules = [(m, g, False, None, "points") for g in (False, True) for m in ("holistic", "deductions", "capped")] + \
-            [(m, False, True, None, v) for m in ("deductions", "weighted") for v in ("points", "reasoning")]
+            [(m, False, True, None, v) for m in ("deductions", "weighted") for v in ("points", "reasoning")
+             + (("probs",) if K == 1 else ())]
         if os.environ.get("COSTS"):  # flow_grpo.py --costs: deductions + the call at other failure prices
             rules.append(("deductions", False, True, C.parse_costs(os.environ["COSTS"]), "points"))
         for mode, gate, call, costs, src in rules:
@@ -133,7 +138,7 @@ def main(run: str, rrms: list) -> dict:
             corr, used, nflat = standardised_corr(rew, util)
             # gated: 0 when its own points fail every Follow; noop_call: 0 when its reasoning says nothing changed
             name = mode + ("_follow_gate" if gate else "") + ("_noop_call" if call else "") + ("_costs" if costs else "") \
-                + ("_reasoning" if src == "reasoning" else "")
+                + ("" if src == "points" else "_" + src)
             rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
             print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "

@@ -3,6 +3,7 @@ hand-worked examples, naive loops, invariances, and property-based fuzzing."""
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -322,6 +323,39 @@ def test_reasoning_verdicts_replace_the_points_block_when_asked():
     assert C.parse_rrm_output(None)["reasoning_points"] is None
     with pytest.raises(ValueError, match="verdicts source"):
         C.aggregate_score(parsed, ps, "deductions", verdicts="think")
+
+
+def test_verdict_probabilities_are_the_rrms_odds_of_1_against_0_at_each_digit(tiny_run):
+    """verdict_probabilities: at each <points> digit of an answer, P("1") / (P("1") + P("0"))
+    under the RRM, the answer teacher-forced; checked against the log-probs of the same
+    answer written with that digit 1 and with it 0 (common.completion_logprobs). Priced with
+    verdicts="probs", deductions is 10 - sum of cost x P(no); None without one digit per principle."""
+    model, processor = C.load_rrm(tiny_run["base"])
+    row = C.read_jsonl(os.path.join(tiny_run["run"], "data", "sft_think_verify.jsonl"))[0]
+    ps, n = row["principles"], len(row["principles"])
+    src, ed = C.load_image(row["source"]), C.load_image(row["edited"])
+    req = [(src, ed, row["instruction"])]
+    text = row["target"]
+    soft = C.verdict_probabilities(model, processor, req, [ps], [text])[0]
+    assert len(soft) == n and all(0.0 < q < 1.0 for q in soft)
+    prompts = C.encode_prompts(processor, [C.verify_messages(row["instruction"], ps, "compact")], [[src, ed]])
+    digits = [m.start(1) for m in C.POINT_VERDICT.finditer(text)]
+    tok = processor.tokenizer
+    for k in (0, n - 1):
+        lp = {}
+        for d in "01":
+            t = text[:digits[k]] + d + text[digits[k] + 1:]
+            ids, mask = C.tokenize_completions(processor, [t])
+            offsets = tok(t, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            j = next(i for i, (a, b) in enumerate(offsets) if a <= digits[k] < b)
+            with torch.no_grad():
+                lp[d] = C.completion_logprobs(model, prompts, ids, mask)[0, j].item()
+        assert abs(soft[k] - math.exp(lp["1"]) / (math.exp(lp["1"]) + math.exp(lp["0"]))) < 1e-4
+    parsed = dict(C.parse_rrm_output(text, n), soft_points=soft)
+    by_hand = 10 - sum(C.DEFAULT_COSTS[p["category"]] * (1 - q) for p, q in zip(ps, soft))
+    assert abs(C.aggregate_score(parsed, ps, "deductions", verdicts="probs") - min(10, max(0, by_hand))) < 1e-9
+    assert C.verdict_probabilities(model, processor, req, [ps], ["<think>no points</think>"])[0] is None
+    assert C.aggregate_score(C.parse_rrm_output("junk", n), ps, "deductions", verdicts="probs") is None
 
 
 def test_gedit_scores():

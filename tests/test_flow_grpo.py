@@ -318,6 +318,29 @@ def test_oracle_ablations_corrupt_only_what_they_name(bases):
             F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], report_to="none", **kw))
 
 
+def test_probs_verdicts_price_the_rrms_own_odds(bases, monkeypatch):
+    # --verdicts probs: the in-process RRM's answer is read again, teacher-forced, and each
+    # verdict digit becomes its P(yes); the reward is the expected deductions under them.
+    # The random tiny RRM writes no points, so its answer is replaced by a well-formed one.
+    rows, srcs, _ = contexts(bases["run"])
+    answer = C.format_rrm_output("q1: yes.", [1] * len(rows[0]["principles"]), 9.0)
+    fake = lambda model, processor, reqs, prins, **kw: [[dict(C.parse_rrm_output(answer, len(p)), text=answer)]
+                                                       for p in prins]
+    monkeypatch.setattr(F.C, "rrm_score", fake)
+    a = targs(reward_backend="inprocess", reward_model=bases["base"], reward_mode="deductions", verdicts="probs",
+              costs="follow:1,keep:1,quality:1")                           # small prices: no clip at 0
+    rec = F.make_judge(a, "cpu", {})(rows[:1], srcs[:1], [0])[0]
+    model, processor = C.load_rrm(bases["base"])
+    soft = C.verdict_probabilities(model, processor, [(srcs[0], srcs[0], rows[0]["instruction"])],
+                                   [rows[0]["principles"]], [answer])[0]
+    want = C.aggregate_score({"points": soft}, rows[0]["principles"], "deductions", costs=C.parse_costs(a.costs))
+    assert abs(rec["reward"] - want) < 1e-6 and 0 < rec["reward"] < 10
+    assert sorted(sum((rec[k] for k in rec if k.startswith("rrm_")), [])) == sorted(soft)
+    with pytest.raises(SystemExit, match="inprocess"):
+        F.main(F.Args(run_dir=bases["run"], policy=bases["kontext"], report_to="none",
+                      reward_backend="mini:lenient", verdicts="probs"))
+
+
 # ------------------------------------------------------------------------ whole runs
 def run_args(bases, out, **kw):
     a = ["--policy", bases["kontext"], "--run_dir", bases["run"], "--output_name", out, "--reward_backend",
