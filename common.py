@@ -1437,6 +1437,13 @@ def completion_logits(model, prompts, completion_ids, completion_mask):
 POINT_VERDICT = re.compile(r'"score":\s*([01])\b')
 
 
+def span_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int | None]:
+    """For each character span of text, the index of the first token that overlaps it, in
+    the tokenization tokenize_completions uses (None if no token does)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [next((j for j, (x, y) in enumerate(offsets) if x < b and a < y), None) for a, b in spans]
+
+
 @torch.no_grad()
 def verdict_probabilities(model, processor, requests, principles_list, texts: list[str],
                           variant: str = "compact", batch_size: int = 16) -> list[list[float] | None]:
@@ -1456,9 +1463,7 @@ def verdict_probabilities(model, processor, requests, principles_list, texts: li
         logits = completion_logits(model, prompts, ids, mask)               # (B, T, V)
         for i, (t, p) in enumerate(zip(tx, pr)):
             spans = [m.span(1) for m in POINT_VERDICT.finditer(t)]
-            offsets = tok(t, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            # the token that holds each digit (the index in ids: the same tokenization)
-            pos = [next((j for j, (x, y) in enumerate(offsets) if x < b and a < y), None) for a, b in spans]
+            pos = span_tokens(tok, t, spans)                                   # the token of each digit
             if len(spans) != len(p) or None in pos:
                 out.append(None)
                 continue
