@@ -412,20 +412,11 @@ def make_judge(args: Args, device, counters: dict):
                 outs = [dict(o, soft_points=q) for o, q in zip(outs, soft)]
             return outs
     elif args.reward_backend == "mini:truth":  # an oracle ablation: the mini world's exact verdicts and utility
-        from miniworld import world as W
+        from miniworld import sim
         blind = {c: float(q) for c, q in (x.split(":") for x in filter(None, args.oracle_blind.split(",")))}
 
         def verdicts(reqs, prins, seeds):
-            out = []
-            for (src, ed, ins), p, s in zip(reqs, prins, seeds):
-                pts = W.ground_truth(src, ins, p, ed)
-                if blind:  # the blind spot: a failed principle of a named category passes with probability P
-                    draws = np.random.default_rng([s % 2**32, 1]).random(len(p))
-                    pts = [1 if (v == 0 and d < blind.get(pr["category"], 0.0)) else v for v, pr, d in zip(pts, p, draws)]
-                # the world's own no-op call (nothing perceived changed), for --noop_call
-                out.append({"status": "ok", "score": W.utility(src, ins, p, ed), "points": pts,
-                            "says_unchanged": W.perceive(ed) == W.perceive(src)})
-            return out
+            return sim.oracle(reqs, prins, seeds, blind)
     else:
         def verdicts(reqs, prins, seeds):
             msgs = [(C.verify_messages(ins, p, args.variant), [src, ed]) for (src, ed, ins), p in zip(reqs, prins)]

@@ -20,6 +20,8 @@ API
       the common.make_backend("mini:<name>") backend; name = a member or a non-verifier role
   prefer(source, instruction, principles, img_a, img_b, rng, noise=0.0, same_margin=0.5,
          config=DEFAULT) -> "a" | "b" | "same"
+  oracle(requests, principles_list, seeds, blind=None, config=DEFAULT) -> list[dict]
+      the world's exact verdicts as parsed judge answers (flow_grpo.py --reward_backend mini:truth)
   POOL: the (member, prompt variant, temperature) triples of the VLM pool (12)
   text_corpus(n_contexts=200, seed=0, config=DEFAULT) -> list[str]   (tokenizer training)
   save_grid(path, n_rows=4, seed=0, config=DEFAULT)                  (docs picture)
@@ -505,6 +507,25 @@ def prefer(source, instruction, principles, img_a, img_b, rng=None, noise: float
     if noise and (rng if rng is not None else np.random.default_rng()).random() < noise:
         label = "b" if label == "a" else "a"
     return label
+
+
+def oracle(requests, principles_list, seeds, blind: dict | None = None,
+           config: WorldConfig = DEFAULT) -> list[dict]:
+    """The world's exact verdicts as a judge's parsed answers (flow_grpo.py's mini:truth reward
+    backend, an ablation): per (source, edited, instruction) request its principles' 0/1
+    points, the true utility as its score, and the world's own no-op call (nothing perceived
+    changed) for --noop_call. blind = {category: P} corrupts it into a judge with one blind
+    spot: each truly failed principle of that category passes with probability P, drawn from
+    the edit's seed (README, session 18)."""
+    out = []
+    for (src, ed, ins), prins, seed in zip(requests, principles_list, seeds):
+        pts = ground_truth(src, ins, prins, ed, config)
+        if blind:
+            draws = np.random.default_rng([seed % 2**32, 1]).random(len(prins))
+            pts = [1 if (v == 0 and d < blind.get(p["category"], 0.0)) else v for v, p, d in zip(pts, prins, draws)]
+        out.append({"status": "ok", "score": utility(src, ins, prins, ed, config), "points": pts,
+                    "says_unchanged": perceive(ed, config) == perceive(src, config)})
+    return out
 
 
 # =========================================================================================
