@@ -33,6 +33,13 @@ each RRM for its verdicts (greedy, common.rrm_score), and prints per RRM:
            K (1: one greedy answer per edit, as flow_grpo.py scores; K > 1: the reward is the mean of
            K answers sampled at TEMP, default 0.7; the verdict breakdown reads the first),
            COSTS (follow:F,keep:K,quality:Q as flow_grpo.py --costs: adds deductions_noop_call_costs)
+
+  prices      what each kind of true failure costs in the reward, inside a group: the within-group
+              least-squares fit of the reward (deductions + its no-op call) on the edits' true
+              failure counts (Follow; Keep split by reason: recolour, missing, shape, no_others,
+              other; Quality) and the no-op indicator, beside the same fit of the true utility.
+              The group-normalised update sees only ratios: a kind the judge prices low against
+              the truth's ratio is where a policy paid by it can go (session 21).
 """
 import os
 import sys
@@ -64,6 +71,43 @@ def standardised_corr(rewards: np.ndarray, truth: np.ndarray) -> tuple[float, in
     if not zr:
         return float("nan"), 0, flat
     return float(np.corrcoef(np.concatenate(zr), np.concatenate(zt))[0, 1]), used, flat
+
+
+KINDS = ("follow", "keep colour", "keep missing", "keep shape", "keep no_others", "keep other", "quality", "no-op")
+
+
+def failure_kinds(r: dict, verdicts: list, edited_scene, noop: bool) -> list[float]:
+    """Counts of the edit's true failures by KINDS (the last: 1 for a no-op)."""
+    out = dict.fromkeys(KINDS, 0.0)
+    for p, v in zip(r["principles"], verdicts):
+        if v:
+            continue
+        kind, f = W.parse_question(p["question"])
+        if p["category"] != "keep":
+            out[p["category"]] += 1
+            continue
+        why = "no_others" if kind == "no_others" else failure_reason(kind, f, edited_scene)
+        out["keep " + (why if why in ("colour", "missing", "shape", "no_others") else "other")] += 1
+    out["no-op"] = float(noop)
+    return list(out.values())
+
+
+def implied_prices(reward: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of the group-centred reward on the group-centred features.
+    reward: (groups, G), NaN = unscored; feats: (groups, G, len(KINDS)). A kind that never
+    varies inside a group gets NaN."""
+    ok = ~np.isnan(reward)
+    y, X = [], []
+    for r, f, m in zip(reward, feats, ok):
+        if m.sum() < 2:
+            continue
+        y.append(r[m] - r[m].mean())
+        X.append(f[m] - f[m].mean(0))
+    y, X = np.concatenate(y), np.concatenate(X)
+    live = np.abs(X).sum(0) > 0
+    coef = np.full(X.shape[1], np.nan)
+    coef[live] = np.linalg.lstsq(X[:, live], y, rcond=None)[0]
+    return coef
 
 
 def main(run: str, rrms: list) -> dict:
@@ -107,7 +151,14 @@ def main(run: str, rrms: list) -> dict:
           f"with the Follow gate (0 if every Follow fails) {ref_gate:.3f}; the gate fires on "
           f"{true_gate[noop].mean():.2f} of no-ops, {true_gate[~noop].mean():.3f} of real edits "
           f"(their true utility {util[true_gate & ~noop].mean() if (true_gate & ~noop).any() else float('nan'):.2f})")
+    feats = np.array([[failure_kinds(r, v, W.perceive(e), bool(nf)) for v, e, nf in zip(vs, es, nfs)]
+                      for r, vs, es, nfs in zip(rows, gt, edits, noop)])
+    n_kind = feats.reshape(-1, len(KINDS)).sum(0)
+    true_prices = implied_prices(util, feats)
+    print("  prices (within-group fit of the reward on true failure counts), the truth: " + ", ".join(
+        f"{k} {c:+.2f} (n {int(m)})" for k, c, m in zip(KINDS, true_prices, n_kind)))
     report = {"util_mean": float(util.mean()), "util_group_std": float(util.std(1).mean()),
+              "true_prices": dict(zip(KINDS, true_prices.tolist())),
               "contested": n_cont, "true_deductions_agreement": ref,
               "true_deductions_follow_gate_agreement": ref_gate, "rrms": {}}
 
@@ -141,6 +192,10 @@ def main(run: str, rrms: list) -> dict:
                 + ("" if src == "points" else "_" + src)
             rep[name] = {"agreement": corr, "groups": used, "flat_groups": nflat,
                          "mean": float(np.nanmean(rew)), "unscored": int(np.isnan(rew).sum())}
+            if call and mode == "deductions" and src == "points":
+                pr = implied_prices(rew, feats)
+                rep[name]["prices"] = dict(zip(KINDS, pr.tolist()))
+                print(f"     prices of {name}: " + ", ".join(f"{k} {c:+.2f}" for k, c in zip(KINDS, pr)))
             print(f"  {os.path.basename(rrm.rstrip('/')):14s} {name:22s} agreement {corr:.3f} over {used} groups; "
                   f"constant reward in {nflat} groups whose truth varies; mean {np.nanmean(rew):.2f}; "
                   f"unscored {int(np.isnan(rew).sum())}")

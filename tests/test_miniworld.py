@@ -445,3 +445,41 @@ def test_target_verdicts_sorts_the_targets_points(tmp_path):
     j = tv.table(rows, [[1] * len(ps), right, None])
     assert j["keep shape"] == (2, 0.5) and j["unaligned"] == 1
     assert [tv.fails_keep(r) for r in rows] == [True] * 3
+
+
+def test_group_agreement_prices_recover_the_worlds_costs():
+    """scripts/judge_group_agreement.py: hand-made failures are counted by kind, and the
+    within-group fit of the true utility on those counts gives the world's prices back
+    (Follow 4, Keep 5, Quality 2; a no-op: what its group loses by it)."""
+    import importlib.util
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    spec = importlib.util.spec_from_file_location("jga", os.path.join(root, "scripts", "judge_group_agreement.py"))
+    jga = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jga)
+    ins = "make the red circle yellow"
+    ps = world.principles_for(SRC, ins)
+    edits = {  # edited scene: its failure counts by jga.KINDS, by hand
+        "right": (_with(SRC, put=[Obj("circle", "yellow", (0, 0))]), [0, 0, 0, 0, 0, 0, 0, 0]),
+        "kept square drawn as a circle": (_with(SRC, put=[Obj("circle", "yellow", (0, 0)), Obj("circle", "blue", (1, 1))]),
+                                          [0, 0, 0, 1, 0, 0, 0, 0]),
+        "the triangle removed too": (_with(SRC, put=[Obj("circle", "yellow", (0, 0))], drop=[(2, 2)]),
+                                     [0, 0, 1, 0, 1, 0, 0, 0]),
+        "no-op": (SRC, [1, 0, 0, 0, 0, 0, 0, 1]),
+    }
+    for name, (scene, want) in edits.items():
+        gt = world.ground_truth(render(SRC), ins, ps, render(scene))
+        assert jga.failure_kinds({"principles": ps}, gt, perceive(render(scene)), scene == SRC) == want, name
+    # a fit on synthetic groups: reward = 10 - 4 F - 5 K - 2 Q (every Keep kind alike), a
+    # judge that charges reshapes nothing; the fit reads those prices back
+    rng = np.random.default_rng(0)
+    feats = rng.integers(0, 2, size=(30, 8, len(jga.KINDS))).astype(float)
+    feats[..., -1] = 0
+    cost = np.array([4, 5, 5, 5, 5, 5, 2, 0.0])
+    truth = 10 - feats @ cost
+    blind = 10 - feats @ np.where(np.arange(len(cost)) == 3, 0.0, cost)
+    np.testing.assert_allclose(jga.implied_prices(truth, feats)[:-1], -cost[:-1], atol=1e-9)
+    assert np.isnan(jga.implied_prices(truth, feats)[-1])  # never varies inside a group
+    assert abs(jga.implied_prices(blind, feats)[3]) < 1e-9
