@@ -415,18 +415,24 @@ def test_blind_spot_reasons_of_hand_made_failures():
         == ["still_there"]
 
 
-def test_target_verdicts_sorts_the_targets_points(tmp_path):
-    """scripts/target_verdicts.py: a target right about a reshaped kept square and one wrong
-    about it, hand-made; a target with too few points is counted apart."""
+def _load_script(name: str):
+    """A scripts/ file as a module (scripts/ also on sys.path for its own imports)."""
     import importlib.util
     import os
     import sys
-    import common as C
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "scripts"))
-    spec = importlib.util.spec_from_file_location("tv", os.path.join(root, "scripts", "target_verdicts.py"))
-    tv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tv)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_target_verdicts_sorts_the_targets_points(tmp_path):
+    """scripts/target_verdicts.py: a target right about a reshaped kept square and one wrong
+    about it, hand-made; a target with too few points is counted apart."""
+    import common as C
+    tv = _load_script("target_verdicts")
     ins = "make the red circle yellow"
     ps = world.principles_for(SRC, ins)
     edited = _with(SRC, put=[Obj("circle", "yellow", (0, 0)), Obj("circle", "blue", (1, 1))])  # square -> circle
@@ -451,14 +457,7 @@ def test_group_agreement_prices_recover_the_worlds_costs():
     """scripts/judge_group_agreement.py: hand-made failures are counted by kind, and the
     within-group fit of the true utility on those counts gives the world's prices back
     (Follow 4, Keep 5, Quality 2; a no-op: what its group loses by it)."""
-    import importlib.util
-    import os
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "scripts"))
-    spec = importlib.util.spec_from_file_location("jga", os.path.join(root, "scripts", "judge_group_agreement.py"))
-    jga = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(jga)
+    jga = _load_script("judge_group_agreement")
     ins = "make the red circle yellow"
     ps = world.principles_for(SRC, ins)
     edits = {  # edited scene: its failure counts by jga.KINDS, by hand
