@@ -86,7 +86,7 @@ def failure_kinds(r: dict, verdicts: list, edited_scene, noop: bool) -> list[flo
         if p["category"] != "keep":
             out[p["category"]] += 1
             continue
-        why = "no_others" if kind == "no_others" else failure_reason(kind, f, edited_scene)
+        why = failure_reason(kind, f, edited_scene)  # no_others has no cell: its kind comes back
         out["keep " + (why if why in ("colour", "missing", "shape", "no_others") else "other")] += 1
     out["no-op"] = float(noop)
     return list(out.values())

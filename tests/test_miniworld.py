@@ -456,7 +456,7 @@ def test_target_verdicts_sorts_the_targets_points(tmp_path):
 def test_group_agreement_prices_recover_the_worlds_costs():
     """scripts/judge_group_agreement.py: hand-made failures are counted by kind, and the
     within-group fit of the true utility on those counts gives the world's prices back
-    (Follow 4, Keep 5, Quality 2; a no-op: what its group loses by it)."""
+    (Follow 4, Keep 5, Quality 2; a kind that never varies inside a group: NaN)."""
     jga = _load_script("judge_group_agreement")
     ins = "make the red circle yellow"
     ps = world.principles_for(SRC, ins)
