@@ -482,3 +482,35 @@ def test_group_agreement_prices_recover_the_worlds_costs():
     np.testing.assert_allclose(jga.implied_prices(truth, feats)[:-1], -cost[:-1], atol=1e-9)
     assert np.isnan(jga.implied_prices(truth, feats)[-1])  # never varies inside a group
     assert abs(jga.implied_prices(blind, feats)[3]) < 1e-9
+
+
+def test_onpolicy_pairs_are_disjoint_beyond_the_margin_and_capped():
+    """scripts/onpolicy_pairs.pick_pairs: every pair's winner beats its loser by >= margin, no
+    edit is in two pairs, at most max_pairs, and a context whose edits all tie gives none."""
+    import random
+    op = _load_script("onpolicy_pairs")
+    u = [8.0, 7.8, 3.0, 5.0, 5.2, 0.0]
+    for seed in range(20):
+        got = op.pick_pairs(u, 0.5, 3, random.Random(seed))
+        assert 1 <= len(got) <= 3
+        assert all(u[w] - u[l] >= 0.5 for w, l in got)
+        flat = [i for p in got for i in p]
+        assert len(flat) == len(set(flat))
+    assert len(op.pick_pairs(u, 0.5, 1, random.Random(0))) == 1
+    assert op.pick_pairs([6.0, 6.2, 5.9], 0.5, 2, random.Random(0)) == []
+    # the three edits of 8.0 / 7.8 / 0.0 admit only one disjoint pair with the margin
+    assert len(op.pick_pairs([8.0, 7.8, 0.0], 0.5, 3, random.Random(0))) == 1
+
+
+def test_mix_keep_failures_finds_the_kinds_of_hand_made_keep_failures():
+    """scripts/mix_keep_failures.keep_failures names the kinds of an edit's true Keep failures
+    (judge_group_agreement.failure_kinds), and none for a right edit."""
+    mk = _load_script("mix_keep_failures")
+    ins = "make the red circle yellow"
+    row = {"instruction": ins, "principles": world.principles_for(SRC, ins)}
+    right = _with(SRC, put=[Obj("circle", "yellow", (0, 0))])
+    reshaped = _with(SRC, put=[Obj("circle", "yellow", (0, 0)), Obj("circle", "blue", (1, 1))])
+    removed = _with(SRC, drop=[(0, 0), (2, 2)])
+    assert mk.keep_failures(row, render(SRC), render(right)) == set()
+    assert mk.keep_failures(row, render(SRC), render(reshaped)) == {"shape"}
+    assert mk.keep_failures(row, render(SRC), render(removed)) == {"missing", "no_others"}
